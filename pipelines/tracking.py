@@ -1,0 +1,155 @@
+"""The one module that talks to MLflow: experiments, nested stage runs, metrics, artifacts, models, registry.
+
+Runs are addressed by id through ``MlflowClient`` so that the driver, Ray tasks and rank 0 of a Ray Train
+worker group can all write into the same run without sharing MLflow's fluent "active run" state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import torch
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.tracking import MlflowClient
+
+from pipelines.config import TrackingConfig
+
+STAGE_TAG = "sslflow.stage"
+FINGERPRINT_TAG = "sslflow.fingerprint"
+UPSTREAM_TAG = "sslflow.upstream"
+PIPELINE_TAG = "sslflow.pipeline"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def client_for(tracking: TrackingConfig) -> MlflowClient:
+    mlflow.set_tracking_uri(tracking.uri)
+    mlflow.set_registry_uri(tracking.uri)
+    return MlflowClient(tracking_uri=tracking.uri, registry_uri=tracking.uri)
+
+
+def ensure_experiment(tracking: TrackingConfig) -> str:
+    """Id of the configured experiment, created (with its artifact location) if missing. Call from the driver."""
+    client = client_for(tracking)
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is not None:
+        return experiment.experiment_id
+    if tracking.artifact_location and "://" not in tracking.artifact_location:
+        Path(tracking.artifact_location).mkdir(parents=True, exist_ok=True)
+    return client.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location)
+
+
+def start_run(
+    tracking: TrackingConfig,
+    run_name: str,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> str:
+    """Create a RUNNING run (nested under ``parent_run_id`` when given); returns its id."""
+    client = client_for(tracking)
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags[PARENT_TAG] = parent_run_id
+    run = client.create_run(ensure_experiment(tracking), run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def end_run(tracking: TrackingConfig, run_id: str, status: str = "FINISHED") -> None:
+    client_for(tracking).set_terminated(run_id, status=status)
+
+
+def set_tags(tracking: TrackingConfig, run_id: str, tags: Mapping[str, Any]) -> None:
+    client = client_for(tracking)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, str(value))
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mapping -> {"a.b.c": "value"} for MLflow params."""
+    flat: dict[str, str] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def log_params(tracking: TrackingConfig, run_id: str, params: Mapping[str, Any]) -> None:
+    flat = flatten(params)
+    items = [Param(key, value[:6000]) for key, value in flat.items()]
+    client = client_for(tracking)
+    for start in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def log_metrics(
+    tracking: TrackingConfig, run_id: str, rows: Iterable[tuple[int, Mapping[str, float]]]
+) -> None:
+    """Log ``(step, {name: value})`` rows in batches; non-finite values are logged as NaN."""
+    import time
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(name, float(value) if math.isfinite(float(value)) else float("nan"), now, step)
+        for step, values in rows
+        for name, value in values.items()
+    ]
+    client = client_for(tracking)
+    for start in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[start : start + 500])
+
+
+def log_artifact(tracking: TrackingConfig, run_id: str, path: str | Path, artifact_path: str | None = None) -> str:
+    """Upload a file; returns its ``runs:/`` URI."""
+    client_for(tracking).log_artifact(run_id, str(path), artifact_path)
+    name = Path(path).name
+    return f"runs:/{run_id}/{artifact_path + '/' if artifact_path else ''}{name}"
+
+
+def log_json(tracking: TrackingConfig, run_id: str, payload: Any, file_name: str) -> str:
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / file_name
+        path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+        return log_artifact(tracking, run_id, path)
+
+
+def log_torch_model(
+    tracking: TrackingConfig, run_id: str, model: torch.nn.Module, name: str, input_example: torch.Tensor
+) -> str:
+    """Log ``model`` (pickled, so it loads back as its own class) with an input example; returns its model URI."""
+    client_for(tracking)
+    model = model.to("cpu").eval()
+    info = mlflow.pytorch.log_model(
+        model,
+        name=name,
+        serialization_format="pickle",
+        input_example=input_example.cpu().numpy(),
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        run_id=run_id,
+    )
+    return info.model_uri
+
+
+def load_torch_model(tracking: TrackingConfig, model_uri: str) -> torch.nn.Module:
+    client_for(tracking)
+    return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+
+
+def download_artifact(tracking: TrackingConfig, artifact_uri: str, destination: str | Path) -> Path:
+    client_for(tracking)
+    return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(destination)))
+
+
+def run_status(tracking: TrackingConfig, run_id: str) -> str:
+    return client_for(tracking).get_run(run_id).info.status
+
+
+def is_finished(status: str) -> bool:
+    return status == RunStatus.to_string(RunStatus.FINISHED)
