@@ -77,6 +77,7 @@ class PretrainSection:
     knn_every: int = bounded(1, 1, 100000)
     knn_k: int = bounded(20, 1, 1000)
     knn_temperature: float = bounded(0.07, 0.001, 10.0)
+    knn_bank_size: int = bounded(10000, 10, 10_000_000)
     log_every_steps: int = bounded(10, 1, 100000)
     compile: bool = False
     seed: int = 0

@@ -468,6 +468,13 @@ LOCAL_BATCH = 3
 
 def _distributed_worker(rank: int, init_file: str) -> None:
     """Each rank holds one slice of a global batch; gathered losses must equal the global-batch loss."""
+    import faulthandler, os
+    log = open(f"/tmp/lossdbg/rank{rank}.log", "w")
+    faulthandler.enable(log)
+    def mark(msg):
+        log.write(msg + "\n"); log.flush()
+    import atexit; atexit.register(mark, "atexit")
+    mark("start")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
         torch.set_num_threads(1)
@@ -479,7 +486,7 @@ def _distributed_worker(rank: int, init_file: str) -> None:
         z1 = z1_global[rows].clone().requires_grad_()
         z2 = z2_global[rows].clone().requires_grad_()
         local_loss = NTXentLoss(temperature=0.3, gather_distributed=True)(z1, z2)
-        local_loss.backward()
+        mark("fwd"); local_loss.backward(); mark("bwd")
         mean_loss = local_loss.detach().clone()
         dist.all_reduce(mean_loss)
         mean_loss /= WORLD_SIZE
@@ -501,12 +508,14 @@ def _distributed_worker(rank: int, init_file: str) -> None:
         dino([s[rows] for s in student_global], [t[rows] for t in teacher_global])
         expected_center = 0.1 * torch.cat(teacher_global).mean(dim=0, keepdim=True)
         torch.testing.assert_close(dino.center, expected_center)
-        print(f"rank {rank} checks done", flush=True)
+        # Without it gloo may abort ("terminate called without an active exception") when one rank tears
+        # down its process group while the other's last collective is still in flight.
+        mark("checks")
         dist.barrier()
-        print(f"rank {rank} barrier done", flush=True)
+        mark("barrier")
     finally:
         dist.destroy_process_group()
-        print(f"rank {rank} destroyed", flush=True)
+        mark("destroyed")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")

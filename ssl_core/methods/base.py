@@ -75,6 +75,10 @@ class SSLMethod(nn.Module):
     def training_step(self, views: dict[str, Tensor]) -> StepOutput:
         raise NotImplementedError
 
+    def forward(self, views: dict[str, Tensor]) -> StepOutput:
+        """``training_step``, so that a DistributedDataParallel wrapper synchronises its gradients."""
+        return self.training_step(views)
+
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, momentum teacher) module pairs updated after each optimizer step."""
         return []
