@@ -153,3 +153,88 @@ def run_status(tracking: TrackingConfig, run_id: str) -> str:
 
 def is_finished(status: str) -> bool:
     return status == RunStatus.to_string(RunStatus.FINISHED)
+
+
+# ----------------------------------------------------------------------------------------- stage reuse (resume)
+
+RECORD_TAG = "sslflow.record"
+
+
+def find_finished_stage(tracking: TrackingConfig, stage: str, fingerprint: str) -> dict[str, Any] | None:
+    """The record of the newest FINISHED run of ``stage`` with ``fingerprint``, or None."""
+    client = client_for(tracking)
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=(
+            f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{FINGERPRINT_TAG}` = '{fingerprint}' "
+            "and attributes.status = 'FINISHED'"
+        ),
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not runs or RECORD_TAG not in runs[0].data.tags:
+        return None
+    return json.loads(runs[0].data.tags[RECORD_TAG])
+
+
+def search_runs(tracking: TrackingConfig, filter_string: str, max_results: int = 100) -> list:
+    client = client_for(tracking)
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        return []
+    return client.search_runs(
+        [experiment.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"],
+        max_results=max_results,
+    )
+
+
+# ------------------------------------------------------------------------------------------- model registry
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+def register_version(
+    tracking: TrackingConfig, model_uri: str, name: str, tags: Mapping[str, Any], aliases: Iterable[str] = ()
+) -> str:
+    """Register ``model_uri`` as a new version of ``name`` with ``tags`` and ``aliases``; returns the version.
+
+    All or nothing: if tagging or aliasing fails, the new version is deleted before the error propagates.
+    """
+    client = client_for(tracking)
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException:
+        client.create_registered_model(name)
+    version = client.create_model_version(name, model_uri, tags={k: str(v) for k, v in tags.items()})
+    try:
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, version.version)
+    except Exception:
+        client.delete_model_version(name, version.version)
+        raise
+    return str(version.version)
+
+
+def version_for_alias(tracking: TrackingConfig, name: str, alias: str):
+    """The ``ModelVersion`` behind ``name@alias``, or None if the model or alias does not exist."""
+    client = client_for(tracking)
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def model_version(tracking: TrackingConfig, name: str, version: str):
+    return client_for(tracking).get_model_version(name, str(version))
+
+
+def set_alias(tracking: TrackingConfig, name: str, alias: str, version: str) -> None:
+    client_for(tracking).set_registered_model_alias(name, alias, str(version))
+
+
+def set_version_tag(tracking: TrackingConfig, name: str, version: str, key: str, value: Any) -> None:
+    client_for(tracking).set_model_version_tag(name, str(version), key, str(value))

@@ -515,3 +515,31 @@ def read_manifest(path: Path | str) -> dict:
     if version != SCHEMA_VERSION:
         raise ValueError(f"{manifest_path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
     return manifest
+
+
+def ingest_stage(cfg, run_id: str, upstream: dict) -> dict:
+    """Pipeline stage: make sure ``cfg.data.path`` holds the ingest of ``cfg.data.source``; log its manifest.
+
+    An existing output with the same source, seed and fractions is kept (its content hash identifies it);
+    anything else at that path that ``ingest`` wrote is replaced.
+    """
+    from pipelines import tracking
+
+    data = cfg.data
+    wanted = {"source": data.source, "seed": data.seed, "val_fraction": data.val_fraction}
+    manifest = None
+    if (Path(data.path) / MANIFEST_NAME).is_file():
+        existing = read_manifest(data.path)
+        if all(existing.get(key) == value for key, value in wanted.items()):
+            manifest = existing
+    if manifest is None:
+        manifest = ingest(data.source, data.path, val_fraction=data.val_fraction, seed=data.seed, overwrite=True)
+    tracking.log_json(cfg.tracking, run_id, manifest, MANIFEST_NAME)
+    counts = {f"{split}_rows": info["rows"] for split, info in manifest["splits"].items()}
+    tracking.log_metrics(cfg.tracking, run_id, [(0, {**counts, "corrupt_images": manifest["corrupt_count"]})])
+    return {
+        "path": data.path,
+        "content_hash": manifest["content_hash"],
+        "num_classes": manifest["num_classes"],
+        "metrics": {**counts, "corrupt_images": manifest["corrupt_count"]},
+    }

@@ -1,0 +1,147 @@
+"""``sslflow``: run | resume | ingest | pretrain | promote | ls."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+UI_HINT = "mlflow ui --backend-store-uri {uri}"
+
+
+def _init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (or the one this job was submitted to), else start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, include_dashboard=False)
+
+
+def _load(path: str | None):
+    from pipelines.config import load_config
+
+    return load_config(path)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import time
+
+    from pipelines.dag import run_pipeline
+    from pipelines.summary import summary_table
+
+    cfg = _load(args.config)
+    started = time.perf_counter()
+    if args.dry_run:
+        result = run_pipeline(cfg, force=args.force, dry_run=True)
+        print(f"pipeline {cfg.name} (dry run): tracking {cfg.tracking.uri}")
+        for stage in result.plan:
+            print(f"  {stage.name:<9} {stage.fingerprint or '?':<20}  {stage.reason}")
+        return 0
+    _init_ray()
+    result = run_pipeline(cfg, force=args.force)
+    print(summary_table(cfg, result, time.perf_counter() - started))
+    return 0
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from pipelines.stages.ingest import ingest
+
+    manifest = ingest(args.source, Path(args.out), val_fraction=args.val_fraction, label_fraction=args.label_fraction,
+                      seed=args.seed, download=args.download, overwrite=args.overwrite)
+    splits = ", ".join(f"{name} {info['rows']}" for name, info in manifest["splits"].items())
+    print(f"ingested {args.source} -> {args.out}: {splits}; {manifest['corrupt_count']} corrupt images skipped")
+    for item in manifest["corrupt"][:20]:
+        print(f"  corrupt: {item['path']}: {item['reason']}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """The pretrain stage alone (ingesting first if the dataset is missing), in its own MLflow run."""
+    from pipelines import tracking
+    from pipelines.stages.ingest import MANIFEST_NAME, ingest
+    from pipelines.stages.pretrain import run_pretrain
+
+    cfg = _load(args.config)
+    if not (Path(cfg.data.path) / MANIFEST_NAME).is_file():
+        ingest(cfg.data.source, cfg.data.path, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed)
+    _init_ray()
+    run_id = tracking.start_run(cfg.tracking, "pretrain", {tracking.STAGE_TAG: "pretrain-only"})
+    tracking.log_params(cfg.tracking, run_id, cfg.to_dict())
+    try:
+        record = run_pretrain(cfg, run_id, f"pretrain-{run_id}")
+    except BaseException:
+        tracking.end_run(cfg.tracking, run_id, "FAILED")
+        raise
+    tracking.end_run(cfg.tracking, run_id)
+    print(f"pretrain finished: run {run_id}; encoder {record.get('encoder_uri')}; metrics {record['metrics']}")
+    print("open the UI with: " + UI_HINT.format(uri=cfg.tracking.uri))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from pipelines.stages.promote import promote
+
+    cfg = _load(args.config)
+    decision = promote(cfg.tracking, args.model, args.version, cfg.registry.promote_margin, force=args.force)
+    print(f"{args.model}/{args.version}: {'promoted' if decision['promoted'] else 'not promoted'}: {decision['reason']}")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from pipelines.summary import list_pipelines
+
+    print(list_pipelines(_load(args.config), limit=args.limit))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sslflow", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    for name in ("run", "resume"):
+        run = commands.add_parser(name, help="run the pipeline (reusing finished stages); resume = run")
+        run.add_argument("config", nargs="?", help="pipeline YAML (default: the embedded quickstart)")
+        run.add_argument("--dry-run", action="store_true", help="show the stages, which would be reused, and why")
+        run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                         help="rerun STAGE and everything downstream (repeatable)")
+        run.set_defaults(func=cmd_run)
+
+    ingest = commands.add_parser("ingest", help="write a source as Parquet shards + _manifest.json")
+    ingest.add_argument("source", help="builtin:digits, an image folder, a .npz, cifar10:/cifar100:/stl10:PATH")
+    ingest.add_argument("out")
+    ingest.add_argument("--val-fraction", type=float, default=0.1)
+    ingest.add_argument("--label-fraction", type=float, default=1.0)
+    ingest.add_argument("--seed", type=int, default=0)
+    ingest.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR/STL-10")
+    ingest.add_argument("--overwrite", action="store_true", help="replace an earlier ingest output at OUT")
+    ingest.set_defaults(func=cmd_ingest)
+
+    pretrain = commands.add_parser("pretrain", help="run the pretrain stage alone")
+    pretrain.add_argument("config", nargs="?")
+    pretrain.set_defaults(func=cmd_pretrain)
+
+    promote = commands.add_parser("promote", help="move the champion alias to MODEL/VERSION if it wins (or --force)")
+    promote.add_argument("model")
+    promote.add_argument("version")
+    promote.add_argument("--force", action="store_true", help="a person's decision: skip the metric gate")
+    promote.add_argument("--config", default=None, help="for the tracking URI and margin (default quickstart)")
+    promote.set_defaults(func=cmd_promote)
+
+    ls = commands.add_parser("ls", help="list pipeline runs with their stages' status and key metrics")
+    ls.add_argument("--config", default=None)
+    ls.add_argument("--limit", type=int, default=10)
+    ls.set_defaults(func=cmd_ls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"sslflow: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

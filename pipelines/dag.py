@@ -1,0 +1,278 @@
+"""The stage graph, declared once, and the driver that runs it as Ray tasks with stage reuse.
+
+    ingest -> pretrain -> evaluate
+                       -> finetune -> distill -> register -> promote
+
+Each stage is one ``@ray.remote`` call that receives its upstream stages' records (ObjectRefs, resolved by Ray),
+so independent stages (``evaluate`` beside ``finetune``) run in parallel. A stage's record is small: its MLflow
+run id, artifact/model URIs and metrics, never a model in memory.
+
+Fingerprint of a stage = sha256(stage name, the config sections it reads, its upstream stages' fingerprints,
+the dataset content hash). A FINISHED MLflow run of the same stage with the same fingerprint is reused (its
+record is stored in the run's ``sslflow.record`` tag), so rerunning a crashed pipeline resumes at the first
+unfinished stage. ``force`` reruns the named stages and everything downstream of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipelines import tracking
+from pipelines.config import PipelineConfig, config_from_mapping
+
+StageFn = Callable[[PipelineConfig, str, dict[str, dict[str, Any]], dict[str, str]], dict[str, Any]]
+
+
+def _ingest(cfg, run_id, upstream, context):
+    from pipelines.stages.ingest import ingest_stage
+
+    return ingest_stage(cfg, run_id, upstream)
+
+
+def _pretrain(cfg, run_id, upstream, context):
+    from pipelines.stages.pretrain import run_pretrain
+
+    return run_pretrain(cfg, run_id, f"pretrain-{run_id}")
+
+
+def _evaluate(cfg, run_id, upstream, context):
+    from pipelines.stages.evaluate import evaluate_stage
+
+    return evaluate_stage(cfg, run_id, upstream)
+
+
+def _finetune(cfg, run_id, upstream, context):
+    from pipelines.stages.finetune import run_finetune
+
+    return run_finetune(cfg, run_id, f"finetune-{run_id}", upstream["pretrain"])
+
+
+def _distill(cfg, run_id, upstream, context):
+    from pipelines.stages.distill import run_distill
+
+    return run_distill(cfg, run_id, f"distill-{run_id}", upstream["finetune"])
+
+
+def _register(cfg, run_id, upstream, context):
+    from pipelines.stages.register import register_stage
+
+    return register_stage(cfg, run_id, upstream, context)
+
+
+def _promote(cfg, run_id, upstream, context):
+    from pipelines.stages.promote import promote_stage
+
+    return promote_stage(cfg, run_id, upstream)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A node: its upstream stages, the config keys its fingerprint covers, its function and Ray resources."""
+
+    name: str
+    upstream: tuple[str, ...]
+    config_keys: tuple[str, ...]
+    run: StageFn
+    num_cpus: float = 0.0
+    reusable: bool = True
+
+
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("ingest", (), ("data",), _ingest, num_cpus=0.5),
+        Stage("pretrain", ("ingest",), ("method", "pretrain", "scaling.num_workers", "scaling.use_gpu"), _pretrain),
+        Stage("evaluate", ("ingest", "pretrain"), ("evaluate",), _evaluate, num_cpus=0.5),
+        Stage("finetune", ("ingest", "pretrain"), ("finetune", "scaling.num_workers", "scaling.use_gpu"), _finetune),
+        Stage("distill", ("ingest", "finetune"), ("distill", "scaling.num_workers", "scaling.use_gpu"), _distill),
+        Stage("register", ("finetune", "distill"), ("registry",), _register),
+        Stage("promote", ("register",), ("registry",), _promote, reusable=False),
+    )
+}
+"""The graph, in topological order."""
+
+
+def downstream_of(names: Iterable[str]) -> set[str]:
+    """``names`` and every stage that depends on them, transitively."""
+    selected = set(names)
+    for stage in STAGES.values():
+        if any(up in selected for up in stage.upstream):
+            selected.add(stage.name)
+    return selected
+
+
+def _config_value(values: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        values = values[part]
+    return values
+
+
+def fingerprint(stage: Stage, config: dict[str, Any], upstream: dict[str, str], dataset_hash: str | None) -> str:
+    payload = {
+        "stage": stage.name,
+        "config": {key: _config_value(config, key) for key in stage.config_keys},
+        "upstream": upstream,
+        "dataset": dataset_hash if stage.name != "ingest" else None,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass
+class StagePlan:
+    name: str
+    fingerprint: str | None
+    reused: dict[str, Any] | None
+    reason: str
+
+
+@dataclass
+class PipelineResult:
+    run_id: str | None
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plan: list[StagePlan] = field(default_factory=list)
+
+
+def _known_dataset_hash(cfg: PipelineConfig) -> str | None:
+    from pipelines.stages.ingest import MANIFEST_NAME, read_manifest
+
+    if not (Path(cfg.data.path) / MANIFEST_NAME).is_file():
+        return None
+    return read_manifest(cfg.data.path)["content_hash"]
+
+
+def plan(cfg: PipelineConfig, dataset_hash: str | None, force: Iterable[str] = (),
+         ingest_record: dict[str, Any] | None = None) -> list[StagePlan]:
+    """For each stage in order: its fingerprint, the FINISHED run it would reuse (or None), and why."""
+    unknown = set(force) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage {sorted(unknown)[0]!r} in --force; stages: {', '.join(STAGES)}")
+    forced = downstream_of(force)
+    config = cfg.to_dict()
+    fingerprints: dict[str, str | None] = {}
+    plans: list[StagePlan] = []
+    for stage in STAGES.values():
+        upstream = {up: fingerprints[up] for up in stage.upstream}
+        if stage.name != "ingest" and (dataset_hash is None or None in upstream.values()):
+            fingerprints[stage.name] = None
+            plans.append(StagePlan(stage.name, None, None, "run: its inputs are produced in this run"))
+            continue
+        fp = fingerprint(stage, config, upstream, dataset_hash)
+        fingerprints[stage.name] = fp
+        if stage.name in forced:
+            plans.append(StagePlan(stage.name, fp, None, "run: forced"))
+        elif not stage.reusable:
+            plans.append(StagePlan(stage.name, fp, None, "run: always runs (depends on the registry's state)"))
+        elif stage.name == "ingest" and ingest_record is not None:
+            plans.append(StagePlan(stage.name, fp, ingest_record, f"reuse run {ingest_record['run_id']}"))
+        else:
+            found = tracking.find_finished_stage(cfg.tracking, stage.name, fp)
+            if found is not None and stage.name == "ingest" and found["content_hash"] != _known_dataset_hash(cfg):
+                plans.append(StagePlan(stage.name, fp, None, f"run: the dataset at {cfg.data.path} is missing or changed"))
+            elif found is None:
+                plans.append(StagePlan(stage.name, fp, None, "run: no FINISHED run with this fingerprint"))
+            else:
+                plans.append(StagePlan(stage.name, fp, found, f"reuse run {found['run_id']}"))
+    return plans
+
+
+def execute_stage(
+    stage_name: str, config: dict[str, Any], fingerprint_value: str, context: dict[str, str], *upstream_records
+) -> dict[str, Any]:
+    """Run one stage in its own nested MLflow run; returns its record (with ``run_id`` and ``fingerprint``)."""
+    stage = STAGES[stage_name]
+    cfg = config_from_mapping(config)
+    upstream = dict(zip(stage.upstream, upstream_records))
+    run_id = tracking.start_run(
+        cfg.tracking,
+        stage_name,
+        tags={
+            tracking.STAGE_TAG: stage_name,
+            tracking.FINGERPRINT_TAG: fingerprint_value,
+            tracking.UPSTREAM_TAG: json.dumps({name: record["run_id"] for name, record in upstream.items()}),
+            tracking.PIPELINE_TAG: cfg.name,
+        },
+        parent_run_id=context["pipeline_run_id"],
+    )
+    try:
+        tracking.log_params(cfg.tracking, run_id, {key: _config_value(config, key) for key in stage.config_keys})
+        record = stage.run(cfg, run_id, upstream, context)
+        record = {**record, "run_id": run_id, "fingerprint": fingerprint_value}
+        tracking.set_tags(cfg.tracking, run_id, {tracking.RECORD_TAG: json.dumps(record, default=str)})
+    except BaseException:
+        tracking.end_run(cfg.tracking, run_id, "FAILED")
+        raise
+    tracking.end_run(cfg.tracking, run_id, "FINISHED")
+    return record
+
+
+def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: bool = False,
+                 echo: Callable[[str], None] = print) -> PipelineResult:
+    """Run (or with ``dry_run`` only plan) the pipeline; Ray must be initialised unless ``dry_run``."""
+    force = list(force)
+    tracking.ensure_experiment(cfg.tracking)
+    if dry_run:
+        plans = plan(cfg, _known_dataset_hash(cfg), force)
+        return PipelineResult(None, {}, plans)
+
+    import ray
+
+    remote_stage = ray.remote(execute_stage)
+    config = cfg.to_dict()
+    parent = tracking.start_run(cfg.tracking, cfg.name, tags={tracking.PIPELINE_TAG: cfg.name,
+                                                             tracking.STAGE_TAG: "pipeline"})
+    tracking.log_params(cfg.tracking, parent, config)
+    context = {"pipeline_run_id": parent}
+    echo(f"pipeline {cfg.name}: MLflow run {parent} ({cfg.tracking.uri})")
+    try:
+        ingest_plan = plan(cfg, None, force)[0]
+        if ingest_plan.reused is not None:
+            ingest_record = ingest_plan.reused
+        else:
+            echo(f"  ingest    {ingest_plan.reason}")
+            ingest_record = ray.get(
+                remote_stage.options(num_cpus=STAGES["ingest"].num_cpus, name="sslflow-ingest").remote(
+                    "ingest", config, ingest_plan.fingerprint, context
+                )
+            )
+        context["dataset_hash"] = ingest_record["content_hash"]
+        plans = plan(cfg, ingest_record["content_hash"], force, ingest_record)
+        refs: dict[str, Any] = {}
+        for stage_plan in plans:
+            stage = STAGES[stage_plan.name]
+            if stage_plan.reused is not None:
+                refs[stage.name] = stage_plan.reused
+                tracking.set_tags(cfg.tracking, parent, {f"sslflow.reused.{stage.name}": stage_plan.reused["run_id"]})
+            else:
+                refs[stage.name] = remote_stage.options(num_cpus=stage.num_cpus, name=f"sslflow-{stage.name}").remote(
+                    stage.name, config, stage_plan.fingerprint, context, *(refs[up] for up in stage.upstream)
+                )
+            echo(f"  {stage.name:<9} {stage_plan.reason}")
+        names = list(refs)
+        values = ray.get([refs[name] if isinstance(refs[name], ray.ObjectRef) else ray.put(refs[name])
+                          for name in names])
+        records = dict(zip(names, values))
+    except BaseException as error:
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        tracking.end_run(cfg.tracking, parent, status)
+        raise
+    tracking.log_metrics(cfg.tracking, parent, [(0, summary_metrics(records))])
+    tracking.end_run(cfg.tracking, parent, "FINISHED")
+    return PipelineResult(parent, records, plans)
+
+
+def summary_metrics(records: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """The headline numbers of a finished pipeline, flat, for the parent run and the terminal table."""
+    evaluate = records["evaluate"]["metrics"]
+    return {
+        "knn_top1_random": evaluate["knn_top1_random"],
+        "knn_top1_ssl": evaluate["knn_top1_ssl"],
+        "linear_top1_random": evaluate["linear_top1_random"],
+        "linear_top1_ssl": evaluate["linear_top1_ssl"],
+        "teacher_test_top1": records["finetune"]["metrics"]["test_top1"],
+        "student_test_top1": records["distill"]["metrics"]["test_top1"],
+    }

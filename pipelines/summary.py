@@ -1,0 +1,61 @@
+"""Terminal output: the end-of-pipeline summary table and ``sslflow ls``."""
+
+from __future__ import annotations
+
+import json
+
+from pipelines import tracking
+from pipelines.config import PipelineConfig
+from pipelines.dag import STAGES, PipelineResult, summary_metrics
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def summary_table(cfg: PipelineConfig, result: PipelineResult, seconds: float) -> str:
+    records = result.records
+    metrics = summary_metrics(records)
+    promote = records["promote"]
+    register = records["register"]
+    reused = [p.name for p in result.plan if p.reused is not None]
+    rows = [
+        ("kNN top-1, random init / SSL", f"{metrics['knn_top1_random']:.4f} / {metrics['knn_top1_ssl']:.4f}"),
+        ("linear probe top-1, random / SSL", f"{metrics['linear_top1_random']:.4f} / {metrics['linear_top1_ssl']:.4f}"),
+        (f"fine-tuned teacher ({cfg.finetune.label_fraction:.0%} labels)", f"{metrics['teacher_test_top1']:.4f}"),
+        (f"distilled student ({cfg.distill.student_backbone})", f"{metrics['student_test_top1']:.4f}"),
+        ("registered version", f"{register['model_name']}/{register['version']} (alias challenger)"),
+        ("champion", f"{'yes, promoted' if promote['promoted'] else 'no'}: {promote['reason']}"),
+        ("stages reused", ", ".join(reused) or "none"),
+        ("pipeline run", f"{result.run_id}  ({seconds:.0f} s)"),
+    ]
+    return (
+        f"\nsslflow pipeline {cfg.name!r}: test-split accuracy\n{_table(rows)}\n\n"
+        f"open the MLflow UI with: mlflow ui --backend-store-uri {cfg.tracking.uri}\n"
+    )
+
+
+def list_pipelines(cfg: PipelineConfig, limit: int = 10) -> str:
+    parents = tracking.search_runs(cfg.tracking, f"tags.`{tracking.STAGE_TAG}` = 'pipeline'", max_results=limit)
+    if not parents:
+        return f"no pipeline runs in {cfg.tracking.uri} (experiment {cfg.tracking.experiment})"
+    lines = []
+    for parent in parents:
+        info, tags = parent.info, parent.data.tags
+        lines.append(f"{info.run_id}  {tags.get(tracking.PIPELINE_TAG, '?'):<12} {info.status:<9} "
+                     + "  ".join(f"{k}={v:.4f}" for k, v in sorted(parent.data.metrics.items())))
+        children = {run.data.tags[tracking.STAGE_TAG]: run for run in tracking.search_runs(
+            cfg.tracking, f"tags.`{tracking.PARENT_TAG}` = '{info.run_id}'")}
+        for stage in STAGES:
+            if stage in children:
+                run = children[stage]
+                record = json.loads(run.data.tags.get(tracking.RECORD_TAG, "{}"))
+                key_metrics = {k: v for k, v in record.get("metrics", {}).items() if isinstance(v, float)}
+                shown = "  ".join(f"{k}={v:.4f}" for k, v in list(key_metrics.items())[:4])
+                lines.append(f"    {stage:<9} {run.info.status:<9} {run.info.run_id}  {shown}")
+            elif f"sslflow.reused.{stage}" in tags:
+                lines.append(f"    {stage:<9} {'REUSED':<9} {tags[f'sslflow.reused.{stage}']}")
+            else:
+                lines.append(f"    {stage:<9} {'-':<9}")
+    return "\n".join(lines)
