@@ -193,6 +193,15 @@ def config_from_mapping(values: Mapping[str, Any], base: Path | None = None) -> 
             f"distill.student_backbone={sections['distill'].student_backbone!r} is unknown; "
             f"known: {', '.join(BACKBONES.names())}"
         )
+    head_layers = sections["finetune"].head_layers
+    available = getattr(resolved_method, "projection_layers", None)
+    if head_layers > 0 and not hasattr(resolved_method, "projection_dim"):
+        raise ValueError(
+            f"finetune.head_layers={head_layers} needs a projection head, but method {method.name!r} has none; "
+            "set finetune.head_layers to 0"
+        )
+    if available is not None and head_layers > available:
+        raise ValueError(f"finetune.head_layers={head_layers} exceeds method.config.projection_layers={available}")
     method_values = dataclasses.asdict(resolved_method)
     method_values["image_size"] = sections["data"].image_size
     sections["method"] = MethodSection(method.name, method_config(method.name, method_values, "method.config").__dict__)

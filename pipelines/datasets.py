@@ -19,6 +19,8 @@ warning, never raised mid-epoch.
 from __future__ import annotations
 
 import logging
+import math
+from collections.abc import Collection, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +36,13 @@ logger = logging.getLogger(__name__)
 
 UNLABELED = -1
 """Label value given to rows whose Parquet label is null."""
+
+READ_CPUS = 0.25
+"""CPUs each Ray Data read/decode task requests: fractional, so that on a small machine whose Train workers hold
+most CPUs the readers still get scheduled instead of stalling the workers they feed."""
+
+_COLUMNS = ["id", "image", "label", "split"]
+_SUBSET_STREAM = 10  # random stream of labeled_subset_ids (ingest uses 0-3), see np.random.default_rng([seed, ...])
 
 
 def _split_names(splits: str | list[str]) -> list[str]:
@@ -70,6 +79,41 @@ def decode_table(table: pa.Table, image_size: int) -> dict[str, np.ndarray]:
     return {"image": images.numpy(), "label": labels}
 
 
+def hide_labels(table: pa.Table, labeled_ids: Collection[str]) -> pa.Table:
+    """``table`` with the label of every row whose ``id`` is not in ``labeled_ids`` set to null (unlabeled)."""
+    keep = pc.is_in(table.column("id"), value_set=_id_array(labeled_ids))
+    labels = pc.if_else(keep, table.column("label"), pa.scalar(None, table.schema.field("label").type))
+    return table.set_column(table.schema.get_field_index("label"), "label", labels)
+
+
+def _id_array(labeled_ids: Collection[str]) -> pa.Array:
+    return labeled_ids if isinstance(labeled_ids, pa.Array) else pa.array(sorted(labeled_ids), pa.string())
+
+
+def _read_shards(
+    shards: dict[str, np.ndarray],
+    *,
+    names: list[str],
+    labeled_only: bool,
+    labeled_ids: pa.Array | None,
+    image_size: int,
+    batch_size: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The ``map_batches`` function of ``read_split``: stream the given shard files in ``batch_size``-row record
+    batches, hide labels outside ``labeled_ids``, keep the requested rows, decode."""
+    for path in shards["path"]:
+        for record_batch in pq.ParquetFile(str(path)).iter_batches(batch_size=batch_size, columns=_COLUMNS):
+            table = pa.Table.from_batches([record_batch])
+            if labeled_ids is not None:
+                table = hide_labels(table, labeled_ids)
+            mask = pc.is_in(table.column("split"), value_set=pa.array(names))
+            if labeled_only:
+                mask = pc.and_(mask, pc.is_valid(table.column("label")))
+            table = table.filter(mask)
+            if table.num_rows:
+                yield decode_table(table, image_size)
+
+
 def read_split(
     dataset_dir: Path | str,
     splits: str | list[str],
@@ -77,25 +121,38 @@ def read_split(
     image_size: int,
     labeled_only: bool = False,
     batch_size: int = 256,
+    labeled_ids: Collection[str] | None = None,
 ):
     """A Ray Dataset of ``splits`` with columns ``image`` uint8 (3, S, S) per row and ``label`` int64 (-1 =
     unlabeled).
 
-    Only the shards of the requested splits are opened (ingest writes one split per shard) and the
-    ``split``/``label`` predicate is pushed down to the Parquet scan. ``labeled_only`` drops unlabeled rows.
-    Decoding runs in ``map_batches`` tasks over ``batch_size`` rows.
+    Only the shards of the requested splits are opened (the manifest lists them; ingest writes one split per
+    shard). ``labeled_ids`` (e.g. from ``labeled_subset_ids``) hides every label whose row id is not in it,
+    before ``labeled_only`` drops unlabeled rows, so ``labeled_only=True, labeled_ids=ids`` yields exactly the
+    rows of ``ids``.
+
+    One ``map_batches`` task per shard streams it in ``batch_size``-row record batches and decodes them; every
+    task requests ``READ_CPUS``. The shard list comes from the manifest rather than ``ray.data.read_parquet``
+    because the latter also runs listing / schema-sampling tasks that need a whole CPU (not configurable in
+    Ray 2.60), which never start while Train workers hold all but a fraction of a CPU.
     """
     import ray.data
-    from ray.data.expressions import col
 
     names = _split_names(splits)
     files = split_files(dataset_dir, names)
-    predicate = col("split").is_in(names)
-    if labeled_only:
-        predicate = predicate & col("label").is_not_null()
-    dataset = ray.data.read_parquet([str(path) for path in files])
-    return dataset.filter(expr=predicate).map_batches(
-        decode_table, fn_kwargs={"image_size": image_size}, batch_format="pyarrow", batch_size=batch_size
+    shards = ray.data.from_items([{"path": str(path)} for path in files])
+    return shards.map_batches(
+        _read_shards,
+        fn_kwargs={
+            "names": names,
+            "labeled_only": labeled_only,
+            "labeled_ids": None if labeled_ids is None else _id_array(labeled_ids),
+            "image_size": image_size,
+            "batch_size": batch_size,
+        },
+        batch_size=1,
+        batch_format="numpy",
+        num_cpus=READ_CPUS,
     )
 
 
@@ -104,16 +161,46 @@ def load_split_tensors(
     splits: str | list[str],
     image_size: int,
     labeled_only: bool = True,
+    labeled_ids: Collection[str] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Read ``splits`` whole, without Ray: ``(images uint8 (N, 3, S, S), labels int64 (N,))``, -1 = unlabeled.
 
     Rows come in shard order (the seeded order ingest wrote), so repeated calls give the same tensors.
+    ``labeled_ids`` hides labels outside it before ``labeled_only`` applies, as in ``read_split``.
     """
     names = _split_names(splits)
     files = split_files(dataset_dir, names)
-    table = pq.read_table([str(path) for path in files], columns=["id", "image", "label", "split"])
+    table = pq.read_table([str(path) for path in files], columns=_COLUMNS)
+    if labeled_ids is not None:
+        table = hide_labels(table, labeled_ids)
     mask = pc.is_in(table.column("split"), value_set=pa.array(names))
     if labeled_only:
         mask = pc.and_(mask, pc.is_valid(table.column("label")))
     decoded = decode_table(table.filter(mask), image_size)
     return torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["label"])
+
+
+def labeled_subset_ids(dataset_dir: Path | str, split: str, fraction: float, seed: int) -> list[str]:
+    """Ids of a class-balanced, seeded subset of the labeled rows of ``split`` (sorted).
+
+    Per class with ``n`` labeled rows: ``round(fraction * n)`` ids (half up), at least 1 and at most ``n``,
+    drawn by a permutation seeded with ``(seed, class)`` over the class's sorted ids. The permutation does not
+    depend on ``fraction``, so for one seed a smaller fraction's subset is contained in a larger one's. Reads
+    only the ``id``, ``label`` and ``split`` columns.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction={fraction} must be in (0, 1]")
+    files = split_files(dataset_dir, split)
+    table = pq.read_table([str(path) for path in files], columns=["id", "label", "split"])
+    table = table.filter(pc.and_(pc.equal(table.column("split"), split), pc.is_valid(table.column("label"))))
+    if table.num_rows == 0:
+        raise ValueError(f"split {split!r} of {dataset_dir} has no labeled rows")
+    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
+    labels = table.column("label").to_numpy()
+    chosen: list[str] = []
+    for label in np.unique(labels):
+        class_ids = np.sort(ids[labels == label])
+        count = min(len(class_ids), max(1, math.floor(fraction * len(class_ids) + 0.5)))
+        permutation = np.random.default_rng([seed, _SUBSET_STREAM, int(label)]).permutation(len(class_ids))
+        chosen.extend(class_ids[permutation[:count]].tolist())
+    return sorted(chosen)

@@ -468,13 +468,6 @@ LOCAL_BATCH = 3
 
 def _distributed_worker(rank: int, init_file: str) -> None:
     """Each rank holds one slice of a global batch; gathered losses must equal the global-batch loss."""
-    import faulthandler, os
-    log = open(f"/tmp/lossdbg/rank{rank}.log", "w")
-    faulthandler.enable(log)
-    def mark(msg):
-        log.write(msg + "\n"); log.flush()
-    import atexit; atexit.register(mark, "atexit")
-    mark("start")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
         torch.set_num_threads(1)
@@ -486,7 +479,7 @@ def _distributed_worker(rank: int, init_file: str) -> None:
         z1 = z1_global[rows].clone().requires_grad_()
         z2 = z2_global[rows].clone().requires_grad_()
         local_loss = NTXentLoss(temperature=0.3, gather_distributed=True)(z1, z2)
-        mark("fwd"); local_loss.backward(); mark("bwd")
+        local_loss.backward()
         mean_loss = local_loss.detach().clone()
         dist.all_reduce(mean_loss)
         mean_loss /= WORLD_SIZE
@@ -510,12 +503,9 @@ def _distributed_worker(rank: int, init_file: str) -> None:
         torch.testing.assert_close(dino.center, expected_center)
         # Without it gloo may abort ("terminate called without an active exception") when one rank tears
         # down its process group while the other's last collective is still in flight.
-        mark("checks")
         dist.barrier()
-        mark("barrier")
     finally:
         dist.destroy_process_group()
-        mark("destroyed")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")

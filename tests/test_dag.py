@@ -1,0 +1,191 @@
+"""The pipeline DAG end to end on real Ray and real MLflow: all stages, reuse, kill-and-resume, promotion gate,
+config errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipelines import tracking
+from pipelines.config import config_from_mapping
+from pipelines.dag import STAGES, downstream_of, run_pipeline
+from pipelines.stages.promote import promote, promotion_decision
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shrunk_quickstart(tmp_path: Path, data_path: Path) -> dict:
+    """The quickstart pipeline made tiny: ResNet-8 at 16 px, one epoch per training stage."""
+    values = yaml.safe_load((REPO / "pipelines/configs/quickstart.yaml").read_text())
+    values["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "mlartifacts")}
+    values["data"]["path"] = str(data_path)
+    values["method"]["config"].update(backbone="resnet8", projection_hidden_dim=32, projection_dim=16)
+    values["scaling"].update(cpus_per_worker=0.5, storage_path=str(tmp_path / "runs"))
+    values["pretrain"].update(epochs=1, knn_every=1)
+    values["evaluate"].update(linear_probe_epochs=5)
+    values["finetune"].update(epochs=1)
+    values["distill"].update(epochs=1)
+    return values
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data") / "digits"
+
+
+def _stage_runs(uri: str, parent_run_id: str) -> dict[str, object]:
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("sslflow")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return {run.data.tags[tracking.STAGE_TAG]: run for run in runs}
+
+
+def test_quickstart_runs_every_stage_then_reuses_them(ray_session, tmp_path: Path, data_path: Path) -> None:
+    cfg = config_from_mapping(shrunk_quickstart(tmp_path, data_path))
+    first = run_pipeline(cfg)
+    runs = _stage_runs(cfg.tracking.uri, first.run_id)
+    assert set(runs) == set(STAGES)
+    assert all(run.info.status == "FINISHED" for run in runs.values())
+    assert MlflowClient(cfg.tracking.uri).get_run(first.run_id).info.status == "FINISHED"
+    upstream = yaml.safe_load(runs["distill"].data.tags[tracking.UPSTREAM_TAG])
+    assert upstream == {"ingest": runs["ingest"].info.run_id, "finetune": runs["finetune"].info.run_id}
+
+    name = cfg.registry.model_name
+    challenger = tracking.version_for_alias(cfg.tracking, name, tracking.CHALLENGER)
+    champion = tracking.version_for_alias(cfg.tracking, name, tracking.CHAMPION)
+    assert challenger is not None and champion is not None and champion.version == challenger.version
+    assert challenger.tags["pipeline_run_id"] == first.run_id
+    assert challenger.tags["dataset_hash"].startswith("sha256:")
+    assert 0.0 <= float(challenger.tags["test_top1"]) <= 1.0
+    assert tracking.version_for_alias(cfg.tracking, f"{name}-teacher", tracking.CHALLENGER) is None
+    metrics = first.records["evaluate"]["metrics"]
+    assert {"knn_top1_ssl", "knn_top1_random", "linear_top1_ssl", "linear_top1_random"} <= set(metrics)
+
+    second = run_pipeline(cfg)
+    reused = {p.name for p in second.plan if p.reused is not None}
+    assert reused == set(STAGES) - {"promote"}
+    assert second.records["pretrain"]["run_id"] == first.records["pretrain"]["run_id"]
+    assert second.records["promote"]["reason"] == "already champion"
+    assert set(_stage_runs(cfg.tracking.uri, second.run_id)) == {"promote"}
+
+    forced = run_pipeline(cfg, dry_run=True, force=["distill"])
+    assert {p.name for p in forced.plan if p.reused is None} == {"distill", "register", "promote"}
+
+
+def _wait_for_running_stage(uri: str, stage: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"pipeline exited early with {process.returncode}: {process.stdout.read()}")
+        if Path(uri.removeprefix("sqlite:///")).exists():
+            client = MlflowClient(uri)
+            experiment = client.get_experiment_by_name("sslflow")
+            if experiment is not None and client.search_runs(
+                [experiment.experiment_id],
+                f"tags.`{tracking.STAGE_TAG}` = '{stage}' and attributes.status = 'RUNNING'",
+            ):
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"stage {stage} never started")
+
+
+def test_killed_pipeline_resumes_reusing_finished_stages(ray_session, tmp_path: Path) -> None:
+    values = shrunk_quickstart(tmp_path, tmp_path / "digits")
+    values["finetune"]["epochs"] = 20  # long enough to be killed mid-way
+    config_path = tmp_path / "pipeline.yaml"
+    config_path.write_text(yaml.safe_dump(values))
+    tracking.ensure_experiment(config_from_mapping(values, base=tmp_path).tracking)  # tables exist before polling
+    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(config_path)], cwd=tmp_path,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    uri = values["tracking"]["uri"]
+    try:
+        _wait_for_running_stage(uri, "finetune", process, timeout=300)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    killed_parent = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("sslflow").experiment_id],
+        f"tags.`{tracking.STAGE_TAG}` = 'pipeline'",
+    )[0]
+    before = _stage_runs(uri, killed_parent.info.run_id)
+    assert before["pretrain"].info.status == "FINISHED" and before["finetune"].info.status == "RUNNING"
+
+    values["finetune"]["epochs"] = 20
+    cfg = config_from_mapping(values, base=tmp_path)
+    resumed = run_pipeline(cfg)
+    assert {p.name for p in resumed.plan if p.reused is not None} >= {"ingest", "pretrain"}
+    assert resumed.records["pretrain"]["run_id"] == before["pretrain"].info.run_id
+    assert resumed.records["ingest"]["run_id"] == before["ingest"].info.run_id
+    assert resumed.records["finetune"]["run_id"] != before["finetune"].info.run_id
+    assert set(_stage_runs(uri, resumed.run_id)) >= {"finetune", "distill", "register", "promote"}
+
+
+def test_promotion_decision() -> None:
+    assert promotion_decision(0.5, None, 0.0)[0]
+    assert promotion_decision(0.8, 0.7, 0.05)[0]
+    assert not promotion_decision(0.72, 0.7, 0.05)[0]
+    assert not promotion_decision(0.7, 0.7, 0.0)[0]
+    assert not promotion_decision(0.6, 0.7, 0.0)[0]
+
+
+def test_promotion_gate_moves_champion_only_for_a_better_candidate(tmp_path: Path) -> None:
+    cfg = config_from_mapping({"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                            "artifact_location": str(tmp_path / "artifacts")}}, base=tmp_path)
+    run_id = tracking.start_run(cfg.tracking, "models")
+    uri = tracking.log_torch_model(cfg.tracking, run_id, torch.nn.Linear(2, 2), "model", torch.zeros(1, 2))
+
+    def register(accuracy: float) -> str:
+        return tracking.register_version(cfg.tracking, uri, "gate", {"test_top1": accuracy}, [tracking.CHALLENGER])
+
+    def champion() -> str:
+        return str(tracking.version_for_alias(cfg.tracking, "gate", tracking.CHAMPION).version)
+
+    first = register(0.70)
+    assert promote(cfg.tracking, "gate", first, margin=0.01)["promoted"] and champion() == first
+    worse = register(0.65)
+    decision = promote(cfg.tracking, "gate", worse, margin=0.01)
+    assert not decision["promoted"] and champion() == first
+    assert "does not beat" in tracking.model_version(cfg.tracking, "gate", worse).tags["sslflow.promotion"]
+    better = register(0.80)
+    assert promote(cfg.tracking, "gate", better, margin=0.01)["promoted"] and champion() == better
+    assert str(tracking.version_for_alias(cfg.tracking, "gate", "previous_champion").version) == first
+    assert promote(cfg.tracking, "gate", worse, margin=0.01, force=True)["promoted"] and champion() == worse
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"pretrain": {"epochs": 0}}, r"pretrain\.epochs=0 is out of range \[1, 100000\]"),
+        ({"method": {"name": "simclr", "config": {"temprature": 0.1}}}, r"unknown key method\.config\.temprature"),
+        ({"finetun": {"epochs": 3}}, r"unknown key 'finetun'"),
+    ],
+)
+def test_config_errors_name_the_key_and_start_nothing(tmp_path: Path, change: dict, message: str) -> None:
+    values = shrunk_quickstart(tmp_path, tmp_path / "digits")
+    for key, value in change.items():
+        values[key] = {**values.get(key, {}), **value} if key in values else value
+    config_path = tmp_path / "bad.yaml"
+    config_path.write_text(yaml.safe_dump(values))
+    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(config_path)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert __import__("re").search(message, result.stderr), result.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+    assert "Ray" not in result.stderr + result.stdout
+
+
+def test_force_selects_downstream_stages() -> None:
+    assert downstream_of(["finetune"]) == {"finetune", "distill", "register", "promote"}
+    assert downstream_of(["pretrain"]) == set(STAGES) - {"ingest"}

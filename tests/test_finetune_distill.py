@@ -1,0 +1,194 @@
+"""SimCLRv2 downstream: the labeled subset, the classifier builders, and pretrain -> finetune -> distill end to end
+on real Ray Train and real MLflow."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from pipelines import tracking
+from pipelines.classifier import Classifier, classifier_from_pretrain_checkpoint, student_classifier
+from pipelines.config import config_from_mapping
+from pipelines.datasets import labeled_subset_ids, load_split_tensors, read_split
+from pipelines.stages.distill import masked_cross_entropy, run_distill
+from pipelines.stages.finetune import batch_plan, run_finetune
+from pipelines.stages.ingest import ingest
+from pipelines.stages.pretrain import run_pretrain
+from ssl_core.methods import build_method
+
+TINY_SIMCLR = {"backbone": "resnet8", "projection_hidden_dim": 32, "projection_dim": 16, "projection_layers": 3}
+TINY_MAE = {"backbone": "vit_tiny", "image_size": 16, "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 1}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "digits"
+    ingest("builtin:digits", path)
+    return path
+
+
+def _labeled_train(digits: Path) -> dict[str, int]:
+    table = pq.read_table(sorted(str(p) for p in digits.glob("train-*.parquet")), columns=["id", "label", "split"])
+    rows = [r for r in table.to_pylist() if r["split"] == "train" and r["label"] is not None]
+    return {r["id"]: r["label"] for r in rows}
+
+
+# ------------------------------------------------------------------------------------------- labeled subset
+
+
+def test_labeled_subset_is_class_balanced_seeded_and_nested(digits: Path) -> None:
+    labeled = _labeled_train(digits)
+    per_class = Counter(labeled.values())
+    ids = labeled_subset_ids(digits, "train", 0.1, seed=0)
+    assert ids == sorted(ids) and len(set(ids)) == len(ids) and set(ids) <= set(labeled)
+    counts = Counter(labeled[i] for i in ids)
+    assert counts == {c: max(1, int(n * 0.1 + 0.5)) for c, n in per_class.items()}
+    assert labeled_subset_ids(digits, "train", 0.1, seed=0) == ids
+    assert labeled_subset_ids(digits, "train", 0.1, seed=1) != ids
+    assert set(labeled_subset_ids(digits, "train", 0.02, seed=0)) < set(ids)  # nested across fractions
+    tiny = labeled_subset_ids(digits, "train", 0.0001, seed=0)
+    assert Counter(labeled[i] for i in tiny) == {c: 1 for c in per_class}  # at least one per class
+    assert set(labeled_subset_ids(digits, "train", 1.0, seed=0)) == set(labeled)
+    with pytest.raises(ValueError, match="fraction=0"):
+        labeled_subset_ids(digits, "train", 0.0, seed=0)
+
+
+def test_labeled_ids_hide_the_other_labels(digits: Path) -> None:
+    ids = labeled_subset_ids(digits, "train", 0.1, seed=0)
+    images, labels = load_split_tensors(digits, "train", 8, labeled_only=True, labeled_ids=ids)
+    assert len(images) == len(labels) == len(ids)
+    _, all_labels = load_split_tensors(digits, "train", 8, labeled_only=False, labeled_ids=ids)
+    assert (all_labels >= 0).sum() == len(ids) and len(all_labels) > len(ids)
+
+
+def test_read_split_yields_exactly_the_labeled_subset(ray_session, digits: Path) -> None:
+    ids = labeled_subset_ids(digits, "train", 0.1, seed=0)
+    labeled = _labeled_train(digits)
+    subset = read_split(digits, "train", image_size=8, labeled_only=True, labeled_ids=ids)
+    labels = np.concatenate([b["label"] for b in subset.iter_batches(batch_size=512, batch_format="numpy")])
+    assert sorted(labels.tolist()) == sorted(labeled[i] for i in ids)
+    everything = read_split(digits, "train", image_size=8, labeled_ids=ids)
+    all_labels = np.concatenate([b["label"] for b in everything.iter_batches(batch_size=512, batch_format="numpy")])
+    assert (all_labels >= 0).sum() == len(ids) and len(all_labels) > len(ids)
+
+
+# ---------------------------------------------------------------------------------------------- classifier
+
+
+def test_classifier_from_simclr_keeps_the_first_head_layers() -> None:
+    method = build_method("simclr", {**TINY_SIMCLR, "image_size": 16})
+    state = {"model": method.state_dict()}
+    classifier = classifier_from_pretrain_checkpoint("simclr", {**TINY_SIMCLR, "image_size": 16}, state, 1, 10)
+    assert classifier.head_out_dim == 32 and len(classifier.head) == 1
+    assert torch.equal(classifier.head[0][0].weight, method.projection_head.layers[0][0].weight)
+    assert torch.equal(classifier.encoder.stem[0].weight, method.encoder.stem[0].weight)
+    assert classifier(torch.rand(3, 3, 16, 16)).shape == (3, 10)
+    plain = classifier_from_pretrain_checkpoint("simclr", {**TINY_SIMCLR, "image_size": 16}, state, 0, 10)
+    assert plain.head_out_dim == 64 and len(plain.head) == 0
+    with pytest.raises(ValueError, match="finetune.head_layers=4 exceeds the 3 layers"):
+        classifier_from_pretrain_checkpoint("simclr", {**TINY_SIMCLR, "image_size": 16}, state, 4, 10)
+
+
+def test_head_layers_need_a_projection_head() -> None:
+    state = {"model": build_method("mae", TINY_MAE).state_dict()}
+    with pytest.raises(ValueError, match=r"finetune.head_layers=1 needs a projection head.*'mae'.*to 0"):
+        classifier_from_pretrain_checkpoint("mae", TINY_MAE, state, 1, 10)
+    classifier = classifier_from_pretrain_checkpoint("mae", TINY_MAE, state, 0, 10)
+    assert classifier(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+
+
+def test_student_and_losses() -> None:
+    student = student_classifier("resnet8", 16, 10)
+    assert isinstance(student, Classifier) and student(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+    logits = torch.randn(4, 10)
+    labels = torch.tensor([3, -1, 7, -1])
+    expected = torch.nn.functional.cross_entropy(logits[[0, 2]], labels[[0, 2]])
+    assert torch.allclose(masked_cross_entropy(logits, labels), expected)
+    assert masked_cross_entropy(logits, torch.full((4,), -1)) == 0.0
+
+
+def test_batch_plan_keeps_steps_equal_and_shrinks_small_subsets() -> None:
+    assert batch_plan(130, 32, 2, "finetune").__dict__ == {"per_worker_batch": 32, "steps_per_epoch": 2,
+                                                           "reduced": False}
+    assert batch_plan(50, 32, 2, "finetune").__dict__ == {"per_worker_batch": 25, "steps_per_epoch": 1,
+                                                          "reduced": True}
+    with pytest.raises(ValueError, match="3 rows cannot give each of 2 workers a batch of at least 2"):
+        batch_plan(3, 32, 2, "finetune")
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def _config(tmp_path: Path, digits: Path):
+    return config_from_mapping(
+        {
+            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "artifacts")},
+            "data": {"path": str(digits), "image_size": 16},
+            "method": {"name": "simclr", "config": TINY_SIMCLR},
+            "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "runs")},
+            "pretrain": {"epochs": 1, "batch_size": 128, "optimizer": "adamw", "lr": 2e-3, "warmup_epochs": 0.5,
+                         "knn_every": 100},
+            "finetune": {"label_fraction": 0.1, "epochs": 2, "batch_size": 32, "lr": 0.05, "head_layers": 1},
+            "distill": {"student_backbone": "resnet8", "epochs": 1, "batch_size": 64, "lr": 0.05,
+                        "temperature": 1.0, "labeled_loss_weight": 0.5},
+        },
+        base=tmp_path,
+    )
+
+
+def _stage(cfg, stage: str, run, *args) -> tuple[str, dict]:
+    run_id = tracking.start_run(cfg.tracking, stage, {tracking.STAGE_TAG: stage})
+    try:
+        record = run(cfg, run_id, f"{stage}-{run_id}", *args)
+    except Exception:
+        tracking.end_run(cfg.tracking, run_id, "FAILED")
+        raise
+    tracking.end_run(cfg.tracking, run_id)
+    return run_id, record
+
+
+def _history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient(cfg.tracking.uri).get_metric_history(run_id, key))
+
+
+def _logits(model_uri: str) -> torch.Tensor:
+    model = mlflow.pytorch.load_model(model_uri)
+    with torch.no_grad():
+        return model(torch.rand(5, 3, 16, 16))
+
+
+def test_pretrain_finetune_distill_end_to_end(ray_session, tmp_path: Path, digits: Path) -> None:
+    cfg = _config(tmp_path, digits)
+    _, pretrain_record = _stage(cfg, "pretrain", run_pretrain)
+    finetune_id, teacher = _stage(cfg, "finetune", run_finetune, pretrain_record)
+    distill_id, student = _stage(cfg, "distill", run_distill, teacher)
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+
+    num_labeled = len(labeled_subset_ids(digits, "train", 0.1, 0))
+    assert teacher["num_classes"] == student["num_classes"] == 10
+    assert teacher["metrics"]["num_labeled"] == num_labeled
+    assert teacher["metrics"]["label_fraction"] == 0.1
+    assert 0.0 <= teacher["metrics"]["test_top1"] <= 1.0
+    assert _history(cfg, finetune_id, "num_labeled") == [(2, num_labeled)]
+    assert [s for s, _ in _history(cfg, finetune_id, "finetune_loss")] == [1, 2]
+    # 2 workers x 32 rows, as many whole global batches as the subset holds
+    assert _history(cfg, finetune_id, "steps_per_epoch") == [(0, num_labeled // 64)]
+    assert _history(cfg, finetune_id, "test_top1") == [(2, pytest.approx(teacher["metrics"]["test_top1"]))]
+    teacher_logits = _logits(teacher["model_uri"])
+    assert teacher_logits.shape == (5, 10) and torch.isfinite(teacher_logits).all()
+
+    metrics = student["metrics"]
+    assert set(metrics) == {"teacher_test_top1", "student_test_top1", "test_top1"}
+    assert metrics["test_top1"] == metrics["student_test_top1"] and 0.0 <= metrics["test_top1"] <= 1.0
+    assert metrics["teacher_test_top1"] == pytest.approx(teacher["metrics"]["test_top1"])
+    losses = _history(cfg, distill_id, "distill_loss")
+    assert [s for s, _ in losses] == [1] and np.isfinite(losses[0][1])
+    student_logits = _logits(student["model_uri"])
+    assert student_logits.shape == (5, 10) and torch.isfinite(student_logits).all()
