@@ -229,25 +229,25 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: boo
     context = {"pipeline_run_id": parent}
     echo(f"pipeline {cfg.name}: MLflow run {parent} ({cfg.tracking.uri})")
     try:
+        # Ingest first: every other fingerprint includes the content hash of the dataset it produces.
         ingest_plan = plan(cfg, None, force)[0]
         if ingest_plan.reused is not None:
             ingest_record = ingest_plan.reused
         else:
-            echo(f"  ingest    {ingest_plan.reason}")
             ingest_record = ray.get(
                 remote_stage.options(num_cpus=STAGES["ingest"].num_cpus, name="sslflow-ingest").remote(
                     "ingest", config, ingest_plan.fingerprint, context
                 )
             )
         context["dataset_hash"] = ingest_record["content_hash"]
-        plans = plan(cfg, ingest_record["content_hash"], force, ingest_record)
-        refs: dict[str, Any] = {}
+        plans = [ingest_plan, *plan(cfg, ingest_record["content_hash"], force, ingest_record)[1:]]
+        refs: dict[str, Any] = {"ingest": ingest_record}
         for stage_plan in plans:
             stage = STAGES[stage_plan.name]
             if stage_plan.reused is not None:
                 refs[stage.name] = stage_plan.reused
                 tracking.set_tags(cfg.tracking, parent, {f"sslflow.reused.{stage.name}": stage_plan.reused["run_id"]})
-            else:
+            elif stage.name != "ingest":
                 refs[stage.name] = remote_stage.options(num_cpus=stage.num_cpus, name=f"sslflow-{stage.name}").remote(
                     stage.name, config, stage_plan.fingerprint, context, *(refs[up] for up in stage.upstream)
                 )

@@ -8,6 +8,7 @@ that ``gather_distributed`` reproduces the single-process global-batch loss.
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -466,46 +467,52 @@ WORLD_SIZE = 2
 LOCAL_BATCH = 3
 
 
-def _distributed_worker(rank: int, init_file: str) -> None:
+def _check_gathered_losses(rank: int) -> None:
     """Each rank holds one slice of a global batch; gathered losses must equal the global-batch loss."""
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    z1_global, z2_global = _randn(WORLD_SIZE * LOCAL_BATCH, 4, seed=1), _randn(WORLD_SIZE * LOCAL_BATCH, 4, seed=2)
+
+    # NT-Xent: each rank averages its 2B anchors against all 2 * world * B candidates; the rank mean is
+    # the global loss, and the summed gradient on a local slice is world * d(global loss)/d(slice).
+    z1 = z1_global[rows].clone().requires_grad_()
+    z2 = z2_global[rows].clone().requires_grad_()
+    local_loss = NTXentLoss(temperature=0.3, gather_distributed=True)(z1, z2)
+    local_loss.backward()
+    mean_loss = local_loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    mean_loss /= WORLD_SIZE
+    reference_z1 = z1_global.clone().requires_grad_()
+    reference = NTXentLoss(temperature=0.3)(reference_z1, z2_global)
+    reference.backward()
+    torch.testing.assert_close(mean_loss, reference.detach())
+    assert mean_loss.item() == pytest.approx(naive_nt_xent(_rows(z1_global), _rows(z2_global), 0.3), rel=1e-9)
+    torch.testing.assert_close(z1.grad, WORLD_SIZE * reference_z1.grad[rows])
+
+    # Barlow Twins: every rank computes the global-batch loss.
+    barlow = BarlowTwinsLoss(gather_distributed=True)(z1_global[rows], z2_global[rows])
+    torch.testing.assert_close(barlow, BarlowTwinsLoss()(z1_global, z2_global))
+
+    # DINO: the center update averages the teacher outputs of every rank.
+    teacher_global = _dino_crops(2, WORLD_SIZE * LOCAL_BATCH, 5, seed=150)
+    student_global = _dino_crops(3, WORLD_SIZE * LOCAL_BATCH, 5, seed=160)
+    dino = DINOLoss(5, gather_distributed=True).double()
+    dino([s[rows] for s in student_global], [t[rows] for t in teacher_global])
+    expected_center = 0.1 * torch.cat(teacher_global).mean(dim=0, keepdim=True)
+    torch.testing.assert_close(dino.center, expected_center)
+
+
+def _distributed_worker(rank: int, init_file: str) -> None:
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
     try:
-        torch.set_num_threads(1)
-        rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
-        z1_global, z2_global = _randn(WORLD_SIZE * LOCAL_BATCH, 4, seed=1), _randn(WORLD_SIZE * LOCAL_BATCH, 4, seed=2)
-
-        # NT-Xent: each rank averages its 2B anchors against all 2 * world * B candidates; the rank mean is
-        # the global loss, and the summed gradient on a local slice is world * d(global loss)/d(slice).
-        z1 = z1_global[rows].clone().requires_grad_()
-        z2 = z2_global[rows].clone().requires_grad_()
-        local_loss = NTXentLoss(temperature=0.3, gather_distributed=True)(z1, z2)
-        local_loss.backward()
-        mean_loss = local_loss.detach().clone()
-        dist.all_reduce(mean_loss)
-        mean_loss /= WORLD_SIZE
-        reference_z1 = z1_global.clone().requires_grad_()
-        reference = NTXentLoss(temperature=0.3)(reference_z1, z2_global)
-        reference.backward()
-        torch.testing.assert_close(mean_loss, reference.detach())
-        assert mean_loss.item() == pytest.approx(naive_nt_xent(_rows(z1_global), _rows(z2_global), 0.3), rel=1e-9)
-        torch.testing.assert_close(z1.grad, WORLD_SIZE * reference_z1.grad[rows])
-
-        # Barlow Twins: every rank computes the global-batch loss.
-        barlow = BarlowTwinsLoss(gather_distributed=True)(z1_global[rows], z2_global[rows])
-        torch.testing.assert_close(barlow, BarlowTwinsLoss()(z1_global, z2_global))
-
-        # DINO: the center update averages the teacher outputs of every rank.
-        teacher_global = _dino_crops(2, WORLD_SIZE * LOCAL_BATCH, 5, seed=150)
-        student_global = _dino_crops(3, WORLD_SIZE * LOCAL_BATCH, 5, seed=160)
-        dino = DINOLoss(5, gather_distributed=True).double()
-        dino([s[rows] for s in student_global], [t[rows] for t in teacher_global])
-        expected_center = 0.1 * torch.cat(teacher_global).mean(dim=0, keepdim=True)
-        torch.testing.assert_close(dino.center, expected_center)
-        # Without it gloo may abort ("terminate called without an active exception") when one rank tears
-        # down its process group while the other's last collective is still in flight.
+        _check_gathered_losses(rank)  # its tensors and autograd graphs (which hold the group) die on return
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Skip interpreter finalisation: on this machine a spawned gloo worker occasionally (~1 run in 10, under
+    # load) aborted after all checks passed ("terminate called without an active exception"). A failed check
+    # raises above, and torch.multiprocessing reports its traceback.
+    os._exit(0)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
