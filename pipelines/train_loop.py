@@ -6,12 +6,14 @@ Ray calls are limited to ``ray.train.get_context``, ``get_checkpoint``, ``report
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
+import typing
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray.train
 import ray.train.torch
@@ -21,6 +23,17 @@ from torch import nn
 from ssl_core.optim import LARS, warmup_cosine
 
 CHECKPOINT_FILE = "checkpoint.pt"
+
+Job = TypeVar("Job")
+
+
+def job_from_dict(job_cls: type[Job], values: dict[str, Any]) -> Job:
+    """Rebuild a frozen job dataclass from its ``dataclasses.asdict`` form (the dict that crosses the Ray
+    boundary): fields typed as dataclasses (config sections) are rebuilt from their dicts."""
+    hints = typing.get_type_hints(job_cls)
+    return job_cls(**{
+        name: hints[name](**value) if dataclasses.is_dataclass(hints[name]) else value for name, value in values.items()
+    })
 
 
 @dataclass(frozen=True)

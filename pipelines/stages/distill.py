@@ -27,7 +27,7 @@ from pipelines.config import DistillSection, PipelineConfig, TrackingConfig
 from pipelines.datasets import labeled_subset_ids, read_split
 from pipelines.stages.finetune import LossFn, check_test_split, cpu_copy, evaluate_top1, train_classifier
 from pipelines.stages.ingest import read_manifest
-from pipelines.train_loop import worker_info
+from pipelines.train_loop import job_from_dict, worker_info
 from ssl_core.losses import DistillationLoss
 
 
@@ -45,13 +45,6 @@ class DistillJob:
     cpus_per_worker: float
     seed: int
     run_id: str
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> DistillJob:
-        values = dict(values)
-        values["distill"] = DistillSection(**values["distill"])
-        values["tracking"] = TrackingConfig(**values["tracking"])
-        return cls(**values)
 
 
 def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -92,7 +85,7 @@ def _frozen_teacher(job: DistillJob, device: torch.device) -> Classifier:
 
 def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train worker loop. Returns (on rank 0) the stage record."""
-    job = DistillJob.from_dict(config)
+    job = job_from_dict(DistillJob, config)
     d = job.distill
     info = worker_info(job.cpus_per_worker)
     teacher = _frozen_teacher(job, info.device)

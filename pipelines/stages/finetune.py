@@ -35,6 +35,7 @@ from pipelines.train_loop import (
     WorkerInfo,
     autocast,
     build_optimizer,
+    job_from_dict,
     load_checkpoint_state,
     report,
     seed_epoch,
@@ -214,13 +215,6 @@ class FinetuneJob:
     seed: int
     run_id: str
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> FinetuneJob:
-        values = dict(values)
-        values["finetune"] = FinetuneSection(**values["finetune"])
-        values["tracking"] = TrackingConfig(**values["tracking"])
-        return cls(**values)
-
 
 def _cross_entropy(model: nn.Module, views: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(model(views).float(), labels)
@@ -237,7 +231,7 @@ def _pretrained_classifier(job: FinetuneJob) -> Classifier:
 
 def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train worker loop. Returns (on rank 0) the stage record."""
-    job = FinetuneJob.from_dict(config)
+    job = job_from_dict(FinetuneJob, config)
     f = job.finetune
     info = worker_info(job.cpus_per_worker)
     model, metrics = train_classifier(

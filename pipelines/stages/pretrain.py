@@ -28,6 +28,7 @@ from pipelines.train_loop import (
     NonFiniteGuard,
     autocast,
     build_optimizer,
+    job_from_dict,
     load_checkpoint_state,
     report,
     scaled_lr,
@@ -55,13 +56,6 @@ class PretrainJob:
     cpus_per_worker: float
     run_id: str | None
     failure_marker: str
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> PretrainJob:
-        values = dict(values)
-        values["pretrain"] = PretrainSection(**values["pretrain"])
-        values["tracking"] = TrackingConfig(**values["tracking"])
-        return cls(**values)
 
 
 class KnnMonitor:
@@ -111,7 +105,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     import ray.train
     import ray.train.torch
 
-    job = PretrainJob.from_dict(config)
+    job = job_from_dict(PretrainJob, config)
     p = job.pretrain
     info = worker_info(job.cpus_per_worker)
     method = build_method(job.method_name, job.method_config)
