@@ -55,7 +55,7 @@ def main() -> None:
     from pipelines import tracking
     from pipelines.config import config_from_mapping
     from pipelines.datasets import load_split_tensors
-    from pipelines.stages.ingest import MANIFEST_NAME, ingest
+    from pipelines.stages.ingest import MANIFEST_NAME, ingest, read_manifest
     from pipelines.stages.pretrain import eval_normalizer, run_pretrain
     from ssl_core import augment, build_backbone, build_method
     from ssl_core.evaluate import extract_features
@@ -89,7 +89,7 @@ def main() -> None:
         loss.backward()
         optimizer.step()
     rate = 3 * args.batch_size / (time.perf_counter() - started)
-    train_rows = 60000 - round(60000 * 0.02)
+    train_rows = read_manifest(data_path)["splits"]["train"]["rows"]
     epochs = max(1, math.floor(args.budget_minutes * 60 * rate * 0.9 / train_rows))
     values["pretrain"]["epochs"] = epochs
     values["pretrain"]["knn_every"] = epochs
@@ -97,12 +97,11 @@ def main() -> None:
     print(f"calibration: {rate:.0f} images/s -> {epochs} epochs in a {args.budget_minutes:.0f}-minute budget", flush=True)
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
-    run_id = tracking.start_run(config.tracking, "quality-benchmark", {tracking.STAGE_TAG: "benchmark"})
-    tracking.log_params(config.tracking, run_id, config.to_dict())
     started = time.perf_counter()
-    record = run_pretrain(config, run_id, f"quality-{run_id}")
+    with tracking.run(config.tracking, "quality-benchmark", {tracking.STAGE_TAG: "benchmark"},
+                      params=config.to_dict()) as run_id:
+        record = run_pretrain(config, run_id, f"quality-{run_id}")
     pretrain_minutes = (time.perf_counter() - started) / 60
-    tracking.end_run(config.tracking, run_id)
     ray.shutdown()
 
     encoder = tracking.load_torch_model(config.tracking, record["encoder_uri"])

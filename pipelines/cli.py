@@ -65,14 +65,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     if not (Path(cfg.data.path) / MANIFEST_NAME).is_file():
         ingest(cfg.data.source, cfg.data.path, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed)
     _init_ray()
-    run_id = tracking.start_run(cfg.tracking, "pretrain", {tracking.STAGE_TAG: "pretrain-only"})
-    tracking.log_params(cfg.tracking, run_id, cfg.to_dict())
-    try:
+    with tracking.run(cfg.tracking, "pretrain", {tracking.STAGE_TAG: "pretrain-only"}, params=cfg.to_dict()) as run_id:
         record = run_pretrain(cfg, run_id, f"pretrain-{run_id}")
-    except BaseException:
-        tracking.end_run(cfg.tracking, run_id, "FAILED")
-        raise
-    tracking.end_run(cfg.tracking, run_id)
     print(f"pretrain finished: run {run_id}; encoder {record.get('encoder_uri')}; metrics {record['metrics']}")
     print("open the UI with: " + UI_HINT.format(uri=cfg.tracking.uri))
     return 0

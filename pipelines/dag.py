@@ -187,26 +187,16 @@ def execute_stage(
     stage = STAGES[stage_name]
     cfg = config_from_mapping(config)
     upstream = dict(zip(stage.upstream, upstream_records))
-    run_id = tracking.start_run(
-        cfg.tracking,
-        stage_name,
-        tags={
-            tracking.STAGE_TAG: stage_name,
-            tracking.FINGERPRINT_TAG: fingerprint_value,
-            tracking.UPSTREAM_TAG: json.dumps({name: record["run_id"] for name, record in upstream.items()}),
-            tracking.PIPELINE_TAG: cfg.name,
-        },
-        parent_run_id=context["pipeline_run_id"],
-    )
-    try:
-        tracking.log_params(cfg.tracking, run_id, {key: _config_value(config, key) for key in stage.config_keys})
-        record = stage.run(cfg, run_id, upstream, context)
-        record = {**record, "run_id": run_id, "fingerprint": fingerprint_value}
+    tags = {
+        tracking.STAGE_TAG: stage_name,
+        tracking.FINGERPRINT_TAG: fingerprint_value,
+        tracking.UPSTREAM_TAG: json.dumps({name: record["run_id"] for name, record in upstream.items()}),
+        tracking.PIPELINE_TAG: cfg.name,
+    }
+    params = {key: _config_value(config, key) for key in stage.config_keys}
+    with tracking.run(cfg.tracking, stage_name, tags, context["pipeline_run_id"], params) as run_id:
+        record = {**stage.run(cfg, run_id, upstream, context), "run_id": run_id, "fingerprint": fingerprint_value}
         tracking.set_tags(cfg.tracking, run_id, {tracking.RECORD_TAG: json.dumps(record, default=str)})
-    except BaseException:
-        tracking.end_run(cfg.tracking, run_id, "FAILED")
-        raise
-    tracking.end_run(cfg.tracking, run_id, "FINISHED")
     return record
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 import math
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,26 @@ def start_run(
         all_tags[PARENT_TAG] = parent_run_id
     run = client.create_run(ensure_experiment(tracking), run_name=run_name, tags=all_tags)
     return run.info.run_id
+
+
+@contextmanager
+def run(
+    tracking: TrackingConfig,
+    run_name: str,
+    tags: Mapping[str, str] | None = None,
+    parent_run_id: str | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> Iterator[str]:
+    """A run around a block: yields its id, ends FINISHED on success, FAILED (KILLED on Ctrl-C) on an error."""
+    run_id = start_run(tracking, run_name, tags, parent_run_id)
+    try:
+        if params:
+            log_params(tracking, run_id, params)
+        yield run_id
+    except BaseException as error:
+        end_run(tracking, run_id, "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
+    end_run(tracking, run_id, "FINISHED")
 
 
 def end_run(tracking: TrackingConfig, run_id: str, status: str = "FINISHED") -> None:
@@ -123,9 +144,12 @@ def log_json(tracking: TrackingConfig, run_id: str, payload: Any, file_name: str
 def log_torch_model(
     tracking: TrackingConfig, run_id: str, model: torch.nn.Module, name: str, input_example: torch.Tensor
 ) -> str:
-    """Log ``model`` (pickled, so it loads back as its own class) with an input example; returns its model URI."""
+    """Log a CPU, eval-mode copy of ``model`` (pickled, so it loads back as its own class) with an input example;
+    the caller's model is left where and as it is. Returns the model URI."""
+    import copy
+
     client_for(tracking)
-    model = model.to("cpu").eval()
+    model = copy.deepcopy(model).to("cpu").to(memory_format=torch.contiguous_format).eval()
     info = mlflow.pytorch.log_model(
         model,
         name=name,

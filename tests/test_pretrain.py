@@ -44,15 +44,8 @@ def _config(tmp_path: Path, digits: Path, method: str, **pretrain):
 
 
 def _pretrain(cfg, name: str = "pretrain") -> tuple[str, dict]:
-    run_id = tracking.start_run(cfg.tracking, name, {tracking.STAGE_TAG: "pretrain"})
-    tracking.log_params(cfg.tracking, run_id, cfg.to_dict())
-    try:
-        record = run_pretrain(cfg, run_id, f"{name}-{run_id}")
-    except Exception:
-        tracking.end_run(cfg.tracking, run_id, "FAILED")
-        raise
-    tracking.end_run(cfg.tracking, run_id)
-    return run_id, record
+    with tracking.run(cfg.tracking, name, {tracking.STAGE_TAG: "pretrain"}, params=cfg.to_dict()) as run_id:
+        return run_id, run_pretrain(cfg, run_id, f"{name}-{run_id}")
 
 
 def _train_rows(digits: Path) -> int:
@@ -104,3 +97,6 @@ def test_nan_loss_stops_the_run_naming_step_and_method(ray_session, tmp_path: Pa
     cfg = cfg.__class__(**{**cfg.__dict__, "scaling": cfg.scaling.__class__(**{**cfg.scaling.__dict__, "max_failures": 0})})
     with pytest.raises(Exception, match=r"non-finite loss at step 3 \(method simclr\); last finite loss: \d"):
         _pretrain(cfg)
+    failed = MlflowClient(cfg.tracking.uri).search_runs(
+        [MlflowClient(cfg.tracking.uri).get_experiment_by_name("sslflow").experiment_id])[0]
+    assert failed.info.status == "FAILED"

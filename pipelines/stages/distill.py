@@ -25,7 +25,7 @@ from pipelines import tracking
 from pipelines.classifier import Classifier, student_classifier
 from pipelines.config import DistillSection, PipelineConfig, TrackingConfig
 from pipelines.datasets import labeled_subset_ids, read_split
-from pipelines.stages.finetune import LossFn, check_test_split, cpu_copy, evaluate_top1, train_classifier
+from pipelines.stages.finetune import LossFn, check_test_split, evaluate_top1, train_classifier
 from pipelines.stages.ingest import read_manifest
 from pipelines.train_loop import job_from_dict, worker_info
 from ssl_core.losses import DistillationLoss
@@ -103,7 +103,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     results = {"teacher_test_top1": teacher_top1, "student_test_top1": student_top1, "test_top1": student_top1}
     tracking.log_metrics(job.tracking, job.run_id, [(d.epochs, results)])
     example = torch.zeros(2, 3, job.image_size, job.image_size)
-    model_uri = tracking.log_torch_model(job.tracking, job.run_id, cpu_copy(student), "student", example)
+    model_uri = tracking.log_torch_model(job.tracking, job.run_id, student, "student", example)
     print(f"[distill] test top-1: teacher {teacher_top1:.4f}, student {student_top1:.4f}", flush=True)
     return {"model_uri": model_uri, "metrics": results, "num_classes": job.num_classes}
 

@@ -13,7 +13,6 @@ group resumes), the non-finite loss guard, and the same number of steps on every
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import tempfile
 import time
@@ -177,11 +176,6 @@ def train_classifier(
     return unwrap(wrapped), metrics
 
 
-def cpu_copy(model: nn.Module) -> nn.Module:
-    """A CPU, contiguous-format, eval-mode copy of ``model`` to log (the trained one stays where it is)."""
-    return copy.deepcopy(model).to("cpu").to(memory_format=torch.contiguous_format).eval()
-
-
 def evaluate_top1(model: Classifier, data_path: str, image_size: int, device: torch.device) -> float:
     """Top-1 of ``model`` on the labeled rows of the test split."""
     images, labels = load_split_tensors(data_path, "test", image_size, labeled_only=True)
@@ -248,7 +242,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     }
     tracking.log_metrics(job.tracking, job.run_id, [(f.epochs, results)])
     example = torch.zeros(2, 3, job.image_size, job.image_size)
-    model_uri = tracking.log_torch_model(job.tracking, job.run_id, cpu_copy(model), "classifier", example)
+    model_uri = tracking.log_torch_model(job.tracking, job.run_id, model, "classifier", example)
     print(f"[finetune] test top-1 {results['test_top1']:.4f} ({job.num_labeled} labeled rows)", flush=True)
     return {"model_uri": model_uri, "metrics": results, "num_classes": job.num_classes}
 

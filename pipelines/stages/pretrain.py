@@ -219,15 +219,8 @@ def _finish(job: PretrainJob, method: SSLMethod, metrics: dict[str, float]) -> d
     record: dict[str, Any] = {"metrics": metrics, "encoder_uri": None}
     if job.run_id is not None:
         example = torch.zeros(2, 3, job.image_size, job.image_size)
-        encoder = _cpu_copy(method.encoder)
-        record["encoder_uri"] = tracking.log_torch_model(job.tracking, job.run_id, encoder, "encoder", example)
+        record["encoder_uri"] = tracking.log_torch_model(job.tracking, job.run_id, method.encoder, "encoder", example)
     return record
-
-
-def _cpu_copy(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module).to("cpu").to(memory_format=torch.contiguous_format).eval()
 
 
 def pretrain_job(cfg: PipelineConfig, run_id: str | None, run_name: str) -> PretrainJob:
