@@ -120,7 +120,9 @@ def test_killed_pipeline_resumes_reusing_finished_stages(ray_session, tmp_path: 
         f"tags.`{tracking.STAGE_TAG}` = 'pipeline'",
     )[0]
     before = _stage_runs(uri, killed_parent.info.run_id)
-    assert before["pretrain"].info.status == "FINISHED" and before["finetune"].info.status == "RUNNING"
+    assert before["pretrain"].info.status == "FINISHED"
+    # The killed stage is RUNNING, or FAILED if Ray interrupted its task before the worker died: never FINISHED.
+    assert before["finetune"].info.status in {"RUNNING", "FAILED"}
 
     values["finetune"]["epochs"] = 20
     cfg = config_from_mapping(values, base=tmp_path)
