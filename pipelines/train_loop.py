@@ -10,7 +10,6 @@ import dataclasses
 import math
 import tempfile
 import typing
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +19,7 @@ import ray.train.torch
 import torch
 from torch import nn
 
+from ssl_core.device import autocast  # noqa: F401 - the loops' device policy, re-exported for them
 from ssl_core.optim import LARS, warmup_cosine
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -61,13 +61,6 @@ def seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:
     key = (seed * 1_000_003 + epoch) * 4099 + rank
     torch.manual_seed(key)
     return torch.Generator().manual_seed(key)
-
-
-def autocast(device: torch.device) -> AbstractContextManager:
-    """bf16 autocast on CUDA; full precision on CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 def build_optimizer(
@@ -124,8 +117,8 @@ class NonFiniteGuard:
         finite = torch.isfinite(loss)
         clean_so_far = self.first_bad_step < 0
         self.last_finite_loss = torch.where(finite & clean_so_far, loss, self.last_finite_loss)
-        self.first_bad_step = torch.where(~finite & clean_so_far, torch.tensor(step, device=loss.device),
-                                          self.first_bad_step)
+        # A Python scalar, not torch.tensor(step, device=...): that would be a blocking host-to-device copy per step.
+        self.first_bad_step = torch.where(~finite & clean_so_far, step, self.first_bad_step)
 
     def check(self) -> None:
         bad_step = int(self.first_bad_step)

@@ -19,9 +19,10 @@ Normalize``) and applies the same steps in the same order:
 7. ``normalize``: ``(x - mean) / std`` per channel.
 
 Randomness: all of a view's parameters are drawn in one ``torch.rand(B, 14, generator=generator)`` call on the
-generator's device and then moved to the images' device. A CPU generator (recommended) therefore gives the same
-views for the same seed on CPU and on CUDA; a CUDA generator draws on the GPU. ``generator=None`` uses torch's
-global generator of the images' device. The same seed and inputs always give identical views.
+generator's device and then moved to the images' device (through pinned memory, without waiting for the device:
+``host_to_device``). A CPU generator (recommended) therefore gives the same views for the same seed on CPU and on
+CUDA; a CUDA generator draws on the GPU. ``generator=None`` uses torch's global generator of the images' device.
+The same seed and inputs always give identical views.
 """
 
 from __future__ import annotations
@@ -119,6 +120,21 @@ class ViewConfig:
         return self.blur_kernel_size if self.blur_kernel_size is not None else blur_kernel_size(self.output_size)
 
 
+def host_to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """``tensor.to(device)`` without a host-device synchronisation.
+
+    A blocking copy from pageable host memory to CUDA (what ``tensor.to("cuda")`` and ``torch.tensor(..., device=
+    "cuda")`` do) waits until the device has finished all its queued work, so the host can no longer run ahead of the
+    GPU; a non-blocking copy from pinned memory does not. Used for the small per-step tensors of the augmentations
+    (random draws, normalisation constants).
+    """
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
 def to_float_image(images: Tensor) -> Tensor:
     """uint8 ``[0, 255]`` or float ``[0, 1]`` images to float32 ``[0, 1]`` with three channels.
 
@@ -142,8 +158,8 @@ def to_float_image(images: Tensor) -> Tensor:
 
 def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """Per-channel ``(x - mean) / std``. Shape: (B, C, H, W) with ``len(mean) == len(std) == C``."""
-    mean_t = torch.tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+    mean_t = host_to_device(torch.tensor(mean, dtype=images.dtype), images.device).view(1, -1, 1, 1)
+    std_t = host_to_device(torch.tensor(std, dtype=images.dtype), images.device).view(1, -1, 1, 1)
     return (images - mean_t) / std_t
 
 
@@ -197,7 +213,7 @@ def _hue_shift(images: Tensor, hue_factor: Tensor) -> Tensor:
         torch.where(max_c == green, (blue - red) / safe_chroma + 2.0, (red - green) / safe_chroma + 4.0),
     )
     hue = hue + 6.0 * hue_factor.view(-1, 1, 1)
-    offsets = torch.tensor([5.0, 3.0, 1.0], dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+    offsets = host_to_device(torch.tensor([5.0, 3.0, 1.0], dtype=images.dtype), images.device).view(1, 3, 1, 1)
     k = torch.remainder(offsets + hue.unsqueeze(1), 6.0)
     weight = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
     return max_c.unsqueeze(1) - chroma.unsqueeze(1) * weight
@@ -256,7 +272,7 @@ def gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
 def _uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
     """Uniform [0, 1) draws on the generator's device (the images' device when None), moved to ``device``."""
     draw_device = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=draw_device).to(device)
+    return host_to_device(torch.rand(shape, generator=generator, device=draw_device), torch.device(device))
 
 
 def _between(unit: Tensor, low: float, high: float) -> Tensor:

@@ -50,10 +50,10 @@ class NegativeQueue(nn.Module):
         batch_size = keys.shape[0]
         if batch_size > self.size:
             raise ValueError(f"cannot enqueue {batch_size} keys into a queue of size {self.size}")
-        start = int(self.ptr)
-        positions = (torch.arange(batch_size, device=self.keys.device) + start) % self.size
-        self.keys[positions] = keys.detach().to(device=self.keys.device, dtype=self.keys.dtype)
-        self.ptr.fill_((start + batch_size) % self.size)
+        # The pointer stays on the device: reading it on the host (int(self.ptr)) would synchronise every step.
+        positions = (torch.arange(batch_size, device=self.keys.device) + self.ptr) % self.size
+        self.keys.index_copy_(0, positions, keys.detach().to(device=self.keys.device, dtype=self.keys.dtype))
+        self.ptr.copy_((self.ptr + batch_size) % self.size)
 
     def extra_repr(self) -> str:
         return f"size={self.size}, dim={self.dim}, gather_distributed={self.gather_distributed}"

@@ -1,0 +1,147 @@
+"""What the throughput and scaling benchmarks share: the real images, each method's benchmark settings, the
+training-step timer and the Ray Train path (Parquet -> Ray Data -> on-device views -> DDP step).
+
+Only ``ray_path_images_per_second`` imports Ray and the pipelines, so ``throughput.py --no-ray`` runs where Ray
+is not installed. Images: the real 32x32 Tiny-ImageNet test set of ``../shared/datasets`` (no labels), resized
+bilinearly for larger image sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+DATASETS = REPO.parent / "shared" / "datasets"
+IMAGES_FILE = "tiny32_test_unlabeled.npz"
+
+NUM_LOCAL_CROPS = 4  # DINO in the benchmarks: 2 global + 4 local crops (2x32 + 4x16 at 32 px, 2x96 + 4x48 at 96 px)
+
+
+def backbone_for(method: str, backbone: str) -> str:
+    """MAE needs a ViT: it runs with vit_tiny whatever ``backbone`` says."""
+    return "vit_tiny" if method == "mae" else backbone
+
+
+def method_settings(method: str, backbone: str, image_size: int) -> dict[str, Any]:
+    """The method config the benchmarks use: the paper defaults, with a 4096-key MoCo queue, a 4096-dim DINO
+    output and 4 DINO local crops, so the CPU runs stay short."""
+    settings: dict[str, Any] = {"backbone": backbone_for(method, backbone), "image_size": image_size}
+    if method == "moco":
+        settings["queue_size"] = 4096
+    if method == "dino":
+        settings.update(out_dim=4096, num_local_crops=NUM_LOCAL_CROPS)
+    return settings
+
+
+def load_images(count: int, image_size: int, datasets: Path = DATASETS) -> torch.Tensor:
+    """The first ``count`` real images, uint8 (count, 3, image_size, image_size), repeated if the file has fewer."""
+    images = np.load(datasets / IMAGES_FILE)["x"]
+    if count > len(images):
+        images = np.concatenate([images] * (count // len(images) + 1))
+    tensor = torch.from_numpy(np.ascontiguousarray(images[:count])).permute(0, 3, 1, 2).contiguous()
+    if image_size != tensor.shape[-1]:
+        resized = F.interpolate(tensor.float(), size=(image_size, image_size), mode="bilinear", antialias=True,
+                                align_corners=False)
+        tensor = resized.round_().clamp_(0, 255).to(torch.uint8)
+    return tensor
+
+
+def device_synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def images_per_second(step: Callable[[int], None], *, batch_size: int, warmup: int, steps: int,
+                      device: torch.device) -> float:
+    """Images/s of ``step(i)`` over ``steps`` calls after ``warmup`` untimed ones, synchronising the device only
+    at the two ends of the timed window (the steps themselves must not synchronise)."""
+    for index in range(warmup):
+        step(index)
+    device_synchronize(device)
+    started = time.perf_counter()
+    for index in range(warmup, warmup + steps):
+        step(index)
+    device_synchronize(device)
+    return steps * batch_size / (time.perf_counter() - started)
+
+
+def start_ray(cpus: int, gpus: int) -> None:
+    """``ray.init`` of a local Ray for the benchmarks, with its workers at the driver's CPU priority.
+
+    Ray starts its worker processes at nice 15 (``RAY_worker_niceness``) so that its own daemons stay responsive.
+    On a dedicated machine that changes nothing; on a busy one it would slow the Ray path (b) against the variants
+    that run in the benchmark's own process, so the benchmarks set it to 0 unless it is already set.
+    """
+    import ray
+
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+
+
+def default_cpus_per_worker(cpus: float, workers: int) -> float:
+    """The machine's CPUs less 0.5 left to the Ray Data readers (0.25 CPU tasks), split between the workers."""
+    return (cpus - 0.5) / workers
+
+
+def ingest_images(rows: int, work_dir: Path, datasets: Path = DATASETS) -> Path:
+    """A Parquet dataset (ingest output, all rows in the train split) of the first ``rows`` real 32x32 images;
+    made once and reused."""
+    from pipelines.stages.ingest import MANIFEST_NAME, ingest
+
+    data_path = work_dir / f"tiny32_{rows}"
+    if not (data_path / MANIFEST_NAME).is_file():
+        images = load_images(rows, 32, datasets).permute(0, 2, 3, 1).numpy()
+        with tempfile.TemporaryDirectory() as directory:
+            npz = Path(directory) / "tiny32.npz"
+            np.savez(npz, x=images)
+            ingest(str(npz), data_path, val_fraction=0.0)
+    return data_path
+
+
+@dataclasses.dataclass(frozen=True)
+class RayPathRun:
+    """One measurement of the pipelines' pretrain stage (``pipelines.stages.pretrain.train_func`` on Ray Train)."""
+
+    method: str
+    backbone: str
+    image_size: int
+    batch_size: int  # per worker
+    steps_per_epoch: int
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    compile: bool = False
+
+
+def ray_path_images_per_second(run: RayPathRun, work_dir: Path, datasets: Path = DATASETS) -> float:
+    """Images/s of the second of two epochs (the first pays start-up and compilation) of the real pretrain stage:
+    Parquet read and decoded by Ray Data tasks, streamed to the workers, augmented on their device, DDP step.
+    Needs a running ``ray.init()``. Nothing is logged to MLflow (no run id)."""
+    from pipelines.config import config_from_mapping
+    from pipelines.stages.pretrain import run_pretrain
+
+    rows = run.batch_size * run.workers * run.steps_per_epoch
+    data_path = ingest_images(rows, work_dir, datasets)
+    config = config_from_mapping({
+        "data": {"path": str(data_path), "image_size": run.image_size},
+        "method": {"name": run.method,
+                   "config": {k: v for k, v in method_settings(run.method, run.backbone, run.image_size).items()
+                              if k != "image_size"}},
+        "scaling": {"num_workers": run.workers, "cpus_per_worker": run.cpus_per_worker, "use_gpu": run.use_gpu,
+                    "storage_path": str(work_dir / "runs")},
+        "pretrain": {"epochs": 2, "batch_size": run.batch_size, "optimizer": "lars", "lr": 0.3,
+                     "warmup_epochs": 0.5, "compile": run.compile},
+    }, base=work_dir)
+    name = f"bench-{run.method}-{run.backbone}-{run.image_size}px-{run.workers}w-{os.getpid()}-{time.time_ns()}"
+    record = run_pretrain(config, None, name)
+    return float(record["metrics"]["images_per_second"])
