@@ -26,6 +26,12 @@ FINGERPRINT_TAG = "sslflow.fingerprint"
 UPSTREAM_TAG = "sslflow.upstream"
 PIPELINE_TAG = "sslflow.pipeline"
 PARENT_TAG = "mlflow.parentRunId"
+NODE_TAG_PREFIX = "sslflow.node.rank"
+
+
+def node_tag(rank: int) -> str:
+    """Tag naming the Ray node id a Ray Train worker of ``rank`` ran on (``sslflow.node.rank0``, ...)."""
+    return f"{NODE_TAG_PREFIX}{rank}"
 
 
 def client_for(tracking: TrackingConfig) -> MlflowClient:
@@ -90,21 +96,21 @@ def set_tags(tracking: TrackingConfig, run_id: str, tags: Mapping[str, Any]) -> 
         client.set_tag(run_id, key, str(value))
 
 
-def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested mapping -> {"a.b.c": "value"} for MLflow params."""
-    flat: dict[str, str] = {}
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> ``{"a.b.c": value}`` (MLflow param names)."""
+    flat: dict[str, Any] = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
             flat.update(flatten(value, f"{name}."))
         else:
-            flat[name] = str(value)
+            flat[name] = value
     return flat
 
 
 def log_params(tracking: TrackingConfig, run_id: str, params: Mapping[str, Any]) -> None:
     flat = flatten(params)
-    items = [Param(key, value[:6000]) for key, value in flat.items()]
+    items = [Param(key, str(value)[:6000]) for key, value in flat.items()]
     client = client_for(tracking)
     for start in range(0, len(items), 100):
         client.log_batch(run_id, params=items[start : start + 100])
@@ -148,8 +154,13 @@ def log_torch_model(
     the caller's model is left where and as it is. Returns the model URI."""
     import copy
 
-    client_for(tracking)
+    client = client_for(tracking)
     model = copy.deepcopy(model).to("cpu").to(memory_format=torch.contiguous_format).eval()
+    # The logged model belongs to the run's experiment, so its files go to that experiment's artifact store (the
+    # configured one, or the tracking server's); left to MLflow it lands in the Default experiment, whose store is
+    # ./mlruns in the logging process's working directory with a SQLite backend.
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
     info = mlflow.pytorch.log_model(
         model,
         name=name,
@@ -157,6 +168,7 @@ def log_torch_model(
         input_example=input_example.cpu().numpy(),
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         run_id=run_id,
+        model_id=logged.model_id,
     )
     return info.model_uri
 
@@ -233,7 +245,13 @@ def register_version(
         client.get_registered_model(name)
     except mlflow.exceptions.MlflowException:
         client.create_registered_model(name)
-    version = client.create_model_version(name, model_uri, tags={k: str(v) for k, v in tags.items()})
+    # A logged model's URI (models:/<model_id>) must name its model_id, or a tracking server refuses the version.
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
+    if model_id is not None and "/" in model_id:
+        model_id = None  # models:/<registered name>/<version or @alias>, not a logged model
+    run_id = client.get_logged_model(model_id).source_run_id if model_id is not None else None
+    version = client.create_model_version(name, model_uri, run_id=run_id, tags={k: str(v) for k, v in tags.items()},
+                                          model_id=model_id)
     try:
         for alias in aliases:
             client.set_registered_model_alias(name, alias, version.version)
