@@ -1,4 +1,4 @@
-"""``sslflow``: run | resume | ingest | pretrain | promote | ls."""
+"""``sslflow``: run | resume | ingest | tune | pretrain | promote | ls."""
 
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ UI_HINT = "mlflow ui --backend-store-uri {uri}"
 
 
 def _init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (or the one this job was submitted to), else start a local Ray."""
+    """Join the cluster named by RAY_ADDRESS (or the one this job was submitted to), else start a local Ray.
+    With its dashboard: Ray Train frees the workers of a Tune trial stopped early through the state API it serves."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, include_dashboard=False)
+        ray.init(log_to_driver=True, include_dashboard=True)
 
 
-def _load(path: str | None):
+def _load(path: str | None, overrides: dict | None = None):
     from pipelines.config import load_config
 
-    return load_config(path)
+    return load_config(path, overrides)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -52,6 +53,18 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     print(f"ingested {args.source} -> {args.out}: {splits}; {manifest['corrupt_count']} corrupt images skipped")
     for item in manifest["corrupt"][:20]:
         print(f"  corrupt: {item['path']}: {item['reason']}")
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    """The search alone (ingest reused or run first), in a pipeline run that stops after ``tune``."""
+    from pipelines.dag import run_pipeline
+    from pipelines.summary import trials_table
+
+    cfg = _load(args.config, {"tune": {"enabled": True}})
+    _init_ray()
+    result = run_pipeline(cfg, force=["tune"] if args.force else [], until="tune")
+    print(trials_table(cfg, result.records["tune"]))
     return 0
 
 
@@ -109,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--download", action="store_true", help="allow torchvision to download CIFAR/STL-10")
     ingest.add_argument("--overwrite", action="store_true", help="replace an earlier ingest output at OUT")
     ingest.set_defaults(func=cmd_ingest)
+
+    tune = commands.add_parser("tune", help="run the Ray Tune search alone and print its trials, best first")
+    tune.add_argument("config", nargs="?", help="pipeline YAML; its tune section (enabled or not) sets the search")
+    tune.add_argument("--force", action="store_true", help="search again even if a finished search matches")
+    tune.set_defaults(func=cmd_tune)
 
     pretrain = commands.add_parser("pretrain", help="run the pretrain stage alone")
     pretrain.add_argument("config", nargs="?")

@@ -22,6 +22,7 @@ from ssl_core.methods import METHODS, method_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
+STORAGE_PATH_ENV = "SSLFLOW_STORAGE_PATH"
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,11 @@ class MethodSection:
 
 @dataclass(frozen=True)
 class ScalingSection:
-    """Ray Train workers. On small CPU machines keep ``cpus_per_worker`` below 1 so Ray Data readers get a CPU."""
+    """Ray Train workers. On small CPU machines keep ``cpus_per_worker`` below 1 so Ray Data readers get a CPU.
+
+    ``storage_path`` (Ray Train checkpoints): the config's value, else ``$SSLFLOW_STORAGE_PATH``, else
+    ``sslflow_runs``; a local path is made absolute, a URI (``s3://``, ``gs://``) is kept as it is.
+    """
 
     num_workers: int = bounded(1, 0, 4096)
     use_gpu: bool = False
@@ -60,6 +65,8 @@ class ScalingSection:
     gpus_per_worker: float = bounded(1.0, 0.0, 16)
     storage_path: str = "sslflow_runs"
     max_failures: int = bounded(1, 0, 100)
+    resources_per_worker: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker also requests (e.g. ``{accelerator_type:A10G: 0.01}`` or a per-node slot)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,36 @@ class PretrainSection:
     seed: int = 0
     inject_failure_at_epoch: int | None = None
     inject_nan_at_step: int | None = None
+
+
+@dataclass(frozen=True)
+class TuneSection:
+    """The optional Ray Tune search before ``pretrain`` (on with ``enabled``); its best overlay feeds pretrain.
+
+    ``space`` names a module with ``METRIC``, ``MODE`` and ``space(train_rows)`` (default ``tune_spaces.<method>``);
+    ``bounds`` overrides or adds dimensions, e.g. ``{temperature: {loguniform: [0.05, 0.5]}}``. Each trial
+    pretrains for ``epochs`` on ``num_workers`` x ``cpus_per_worker`` (+ ``gpus_per_worker``) and reports the
+    metric per epoch; ``scheduler: asha`` stops the worst early. ``max_concurrent_trials: 0`` packs as many
+    trials as the cluster's CPUs and GPUs hold.
+    """
+
+    enabled: bool = False
+    space: str | None = None
+    bounds: dict[str, Any] = field(default_factory=dict)
+    search_lr: bool = False
+    search_weight_decay: bool = False
+    searcher: str = bounded("random", choices=("random", "optuna"))
+    scheduler: str = bounded("asha", choices=("asha", "none"))
+    num_samples: int = bounded(8, 1, 100000)
+    max_concurrent_trials: int = bounded(0, 0, 100000)
+    epochs: int = bounded(3, 1, 100000)
+    grace_period: int = bounded(1, 1, 100000)
+    reduction_factor: float = bounded(2.0, 1.01, 100.0)
+    num_workers: int = bounded(1, 1, 4096)
+    cpus_per_worker: float = bounded(1.0, 0.05, 256)
+    gpus_per_worker: float = bounded(0.0, 0.0, 16)
+    seed: int = 0
+    inject_failure_trial: int | None = None
 
 
 @dataclass(frozen=True)
@@ -125,6 +162,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "method": MethodSection,
     "scaling": ScalingSection,
+    "tune": TuneSection,
     "pretrain": PretrainSection,
     "evaluate": EvaluateSection,
     "finetune": FinetuneSection,
@@ -140,6 +178,7 @@ class PipelineConfig:
     data: DataConfig
     method: MethodSection
     scaling: ScalingSection
+    tune: TuneSection
     pretrain: PretrainSection
     evaluate: EvaluateSection
     finetune: FinetuneSection
@@ -162,6 +201,11 @@ def resolve_tracking(tracking: TrackingConfig, base: Path) -> TrackingConfig:
     artifact_location = tracking.artifact_location
     if artifact_location is None and uri.startswith("sqlite:"):
         artifact_location = str((base / "mlartifacts").resolve())
+    if uri.startswith(("http://", "https://")) and artifact_location is not None and "://" not in artifact_location:
+        raise ValueError(
+            f"tracking.artifact_location={artifact_location!r} is a local path but tracking.uri={uri!r} is a server: "
+            "leave artifact_location unset (the server's artifact store is used) or give an object storage URI"
+        )
     return dataclasses.replace(tracking, uri=uri, artifact_location=artifact_location)
 
 
@@ -206,14 +250,26 @@ def config_from_mapping(values: Mapping[str, Any], base: Path | None = None) -> 
     method_values["image_size"] = sections["data"].image_size
     sections["method"] = MethodSection(method.name, method_config(method.name, method_values, "method.config").__dict__)
     sections["data"] = dataclasses.replace(sections["data"], path=_resolve_path(sections["data"].path, base))
-    sections["scaling"] = dataclasses.replace(
-        sections["scaling"], storage_path=_resolve_path(sections["scaling"].storage_path, base)
-    )
+    for resource, amount in sections["scaling"].resources_per_worker.items():
+        if resource in ("CPU", "GPU") or not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
+            raise ValueError(
+                f"scaling.resources_per_worker.{resource}={amount!r}: give custom resources as non-negative numbers "
+                "(CPU and GPU come from cpus_per_worker / gpus_per_worker)"
+            )
+    storage_path = sections["scaling"].storage_path
+    if "storage_path" not in (values.get("scaling") or {}) and os.environ.get(STORAGE_PATH_ENV):
+        storage_path = os.environ[STORAGE_PATH_ENV]  # a cluster's shared checkpoint store (e.g. s3://bucket/runs)
+    sections["scaling"] = dataclasses.replace(sections["scaling"], storage_path=_resolve_path(storage_path, base))
     sections["tracking"] = resolve_tracking(sections["tracking"], base)
     name = values.get("name", "sslflow")
     if not isinstance(name, str) or not name:
         raise ValueError("name must be a non-empty string")
-    return PipelineConfig(name=name, **sections)
+    config = PipelineConfig(name=name, **sections)
+    if config.tune.enabled:
+        from pipelines.stages.tune import check_tune_section
+
+        check_tune_section(config)
+    return config
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:

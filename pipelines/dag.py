@@ -1,7 +1,10 @@
 """The stage graph, declared once, and the driver that runs it as Ray tasks with stage reuse.
 
-    ingest -> pretrain -> evaluate
-                       -> finetune -> distill -> register -> promote
+    ingest -> (tune) -> pretrain -> evaluate
+                                 -> finetune -> distill -> register -> promote
+
+``tune`` runs only when ``tune.enabled``; its record's ``config_overlay`` (the best hyperparameters found) is
+merged into the config of the stages that consume it (``pretrain``).
 
 Each stage is one ``@ray.remote`` call that receives its upstream stages' records (ObjectRefs, resolved by Ray),
 so independent stages (``evaluate`` beside ``finetune``) run in parallel. A stage's record is small: its MLflow
@@ -15,6 +18,7 @@ unfinished stage. ``force`` reruns the named stages and everything downstream of
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable, Iterable
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import tracking
-from pipelines.config import PipelineConfig, config_from_mapping
+from pipelines.config import PipelineConfig, config_from_mapping, deep_merge
 
 StageFn = Callable[[PipelineConfig, str, dict[str, dict[str, Any]], dict[str, str]], dict[str, Any]]
 
@@ -32,6 +36,12 @@ def _ingest(cfg, run_id, upstream, context):
     from pipelines.stages.ingest import ingest_stage
 
     return ingest_stage(cfg, run_id, upstream)
+
+
+def _tune(cfg, run_id, upstream, context):
+    from pipelines.stages.tune import run_tune
+
+    return run_tune(cfg, run_id)
 
 
 def _pretrain(cfg, run_id, upstream, context):
@@ -72,7 +82,8 @@ def _promote(cfg, run_id, upstream, context):
 
 @dataclass(frozen=True)
 class Stage:
-    """A node: its upstream stages, the config keys its fingerprint covers, its function and Ray resources."""
+    """A node: its upstream stages, the config keys its fingerprint covers, its function and Ray resources.
+    ``enabled_by`` names a boolean config key that switches an optional stage (and the edges into it) on."""
 
     name: str
     upstream: tuple[str, ...]
@@ -80,13 +91,16 @@ class Stage:
     run: StageFn
     num_cpus: float = 0.0
     reusable: bool = True
+    enabled_by: str | None = None
 
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
         Stage("ingest", (), ("data",), _ingest, num_cpus=0.5),
-        Stage("pretrain", ("ingest",), ("method", "pretrain", "scaling.num_workers", "scaling.use_gpu"), _pretrain),
+        Stage("tune", ("ingest",), ("tune", "method", "pretrain", "scaling.use_gpu"), _tune, enabled_by="tune.enabled"),
+        Stage("pretrain", ("ingest", "tune"), ("method", "pretrain", "scaling.num_workers", "scaling.use_gpu"),
+              _pretrain),
         Stage("evaluate", ("ingest", "pretrain"), ("evaluate",), _evaluate, num_cpus=0.5),
         Stage("finetune", ("ingest", "pretrain"), ("finetune", "scaling.num_workers", "scaling.use_gpu"), _finetune),
         Stage("distill", ("ingest", "finetune"), ("distill", "scaling.num_workers", "scaling.use_gpu"), _distill),
@@ -94,22 +108,43 @@ STAGES: dict[str, Stage] = {
         Stage("promote", ("register",), ("registry",), _promote, reusable=False),
     )
 }
-"""The graph, in topological order."""
-
-
-def downstream_of(names: Iterable[str]) -> set[str]:
-    """``names`` and every stage that depends on them, transitively."""
-    selected = set(names)
-    for stage in STAGES.values():
-        if any(up in selected for up in stage.upstream):
-            selected.add(stage.name)
-    return selected
+"""The whole graph, in topological order; ``stages_for`` gives the part a config runs."""
 
 
 def _config_value(values: dict[str, Any], key: str) -> Any:
     for part in key.split("."):
         values = values[part]
     return values
+
+
+def stages_for(cfg: PipelineConfig, until: str | None = None) -> dict[str, Stage]:
+    """The graph ``cfg`` runs: optional stages whose switch is off are dropped with the edges into them; with
+    ``until``, only that stage and what it depends on."""
+    config = cfg.to_dict()
+    off = {stage.name for stage in STAGES.values() if stage.enabled_by and not _config_value(config, stage.enabled_by)}
+    graph = {
+        stage.name: dataclasses.replace(stage, upstream=tuple(up for up in stage.upstream if up not in off))
+        for stage in STAGES.values() if stage.name not in off
+    }
+    if until is None:
+        return graph
+    if until not in graph:
+        reason = " (it is switched off in this config)" if until in STAGES else ""
+        raise ValueError(f"unknown stage {until!r}{reason}; stages: {', '.join(graph)}")
+    needed = {until}
+    for stage in reversed(list(graph.values())):
+        if stage.name in needed:
+            needed.update(stage.upstream)
+    return {name: stage for name, stage in graph.items() if name in needed}
+
+
+def downstream_of(names: Iterable[str], graph: dict[str, Stage] = STAGES) -> set[str]:
+    """``names`` and every stage that depends on them, transitively."""
+    selected = set(names)
+    for stage in graph.values():
+        if any(up in selected for up in stage.upstream):
+            selected.add(stage.name)
+    return selected
 
 
 def fingerprint(stage: Stage, config: dict[str, Any], upstream: dict[str, str], dataset_hash: str | None) -> str:
@@ -146,16 +181,17 @@ def _known_dataset_hash(cfg: PipelineConfig) -> str | None:
 
 
 def plan(cfg: PipelineConfig, dataset_hash: str | None, force: Iterable[str] = (),
-         ingest_record: dict[str, Any] | None = None) -> list[StagePlan]:
+         ingest_record: dict[str, Any] | None = None, until: str | None = None) -> list[StagePlan]:
     """For each stage in order: its fingerprint, the FINISHED run it would reuse (or None), and why."""
-    unknown = set(force) - set(STAGES)
+    graph = stages_for(cfg, until)
+    unknown = set(force) - set(graph)
     if unknown:
-        raise ValueError(f"unknown stage {sorted(unknown)[0]!r} in --force; stages: {', '.join(STAGES)}")
-    forced = downstream_of(force)
+        raise ValueError(f"unknown stage {sorted(unknown)[0]!r} in --force; stages: {', '.join(graph)}")
+    forced = downstream_of(force, graph)
     config = cfg.to_dict()
     fingerprints: dict[str, str | None] = {}
     plans: list[StagePlan] = []
-    for stage in STAGES.values():
+    for stage in graph.values():
         upstream = {up: fingerprints[up] for up in stage.upstream}
         if stage.name != "ingest" and (dataset_hash is None or None in upstream.values()):
             fingerprints[stage.name] = None
@@ -183,10 +219,13 @@ def plan(cfg: PipelineConfig, dataset_hash: str | None, force: Iterable[str] = (
 def execute_stage(
     stage_name: str, config: dict[str, Any], fingerprint_value: str, context: dict[str, str], *upstream_records
 ) -> dict[str, Any]:
-    """Run one stage in its own nested MLflow run; returns its record (with ``run_id`` and ``fingerprint``)."""
-    stage = STAGES[stage_name]
-    cfg = config_from_mapping(config)
+    """Run one stage in its own nested MLflow run; returns its record (with ``run_id`` and ``fingerprint``).
+    An upstream record's ``config_overlay`` (tune's best hyperparameters) is merged into this stage's config."""
+    stage = stages_for(config_from_mapping(config))[stage_name]
     upstream = dict(zip(stage.upstream, upstream_records))
+    for record in upstream.values():
+        config = deep_merge(config, record.get("config_overlay") or {})
+    cfg = config_from_mapping(config)
     tags = {
         tracking.STAGE_TAG: stage_name,
         tracking.FINGERPRINT_TAG: fingerprint_value,
@@ -200,13 +239,14 @@ def execute_stage(
     return record
 
 
-def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: bool = False,
+def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: bool = False, until: str | None = None,
                  echo: Callable[[str], None] = print) -> PipelineResult:
-    """Run (or with ``dry_run`` only plan) the pipeline; Ray must be initialised unless ``dry_run``."""
+    """Run (or with ``dry_run`` only plan) the pipeline, or with ``until`` only that stage and its upstream;
+    Ray must be initialised unless ``dry_run``."""
     force = list(force)
     tracking.ensure_experiment(cfg.tracking)
     if dry_run:
-        plans = plan(cfg, _known_dataset_hash(cfg), force)
+        plans = plan(cfg, _known_dataset_hash(cfg), force, until=until)
         return PipelineResult(None, {}, plans)
 
     import ray
@@ -220,7 +260,7 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: boo
     echo(f"pipeline {cfg.name}: MLflow run {parent} ({cfg.tracking.uri})")
     try:
         # Ingest first: every other fingerprint includes the content hash of the dataset it produces.
-        ingest_plan = plan(cfg, None, force)[0]
+        ingest_plan = plan(cfg, None, force, until=until)[0]
         if ingest_plan.reused is not None:
             ingest_record = ingest_plan.reused
         else:
@@ -230,10 +270,11 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: boo
                 )
             )
         context["dataset_hash"] = ingest_record["content_hash"]
-        plans = [ingest_plan, *plan(cfg, ingest_record["content_hash"], force, ingest_record)[1:]]
+        plans = [ingest_plan, *plan(cfg, ingest_record["content_hash"], force, ingest_record, until)[1:]]
+        graph = stages_for(cfg, until)
         refs: dict[str, Any] = {"ingest": ingest_record}
         for stage_plan in plans:
-            stage = STAGES[stage_plan.name]
+            stage = graph[stage_plan.name]
             if stage_plan.reused is not None:
                 refs[stage.name] = stage_plan.reused
                 tracking.set_tags(cfg.tracking, parent, {f"sslflow.reused.{stage.name}": stage_plan.reused["run_id"]})
@@ -250,7 +291,8 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: boo
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         tracking.end_run(cfg.tracking, parent, status)
         raise
-    tracking.log_metrics(cfg.tracking, parent, [(0, summary_metrics(records))])
+    if "evaluate" in records and "distill" in records:
+        tracking.log_metrics(cfg.tracking, parent, [(0, summary_metrics(records))])
     tracking.end_run(cfg.tracking, parent, "FINISHED")
     return PipelineResult(parent, records, plans)
 

@@ -12,7 +12,7 @@ from pipelines.config import ScalingSection
 
 
 def scaling_config(scaling: ScalingSection) -> ScalingConfig:
-    resources: dict[str, float] = {"CPU": scaling.cpus_per_worker}
+    resources: dict[str, float] = {**scaling.resources_per_worker, "CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
         resources["GPU"] = scaling.gpus_per_worker
     return ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources)
@@ -24,8 +24,10 @@ def fit(
     scaling: ScalingSection,
     run_name: str,
     datasets: dict[str, Any],
+    callbacks: list[Any] | None = None,
 ):
-    """Run ``train_func`` on ``scaling.num_workers`` workers; a failed run raises with the workers' error."""
+    """Run ``train_func`` on ``scaling.num_workers`` workers; a failed run raises with the workers' error.
+    ``callbacks`` are Ray Train ``UserCallback``s (e.g. Tune's ``TuneReportCallback`` inside a trial)."""
     trainer = TorchTrainer(
         train_func,
         train_loop_config=config,
@@ -35,6 +37,7 @@ def fit(
             storage_path=scaling.storage_path,
             failure_config=FailureConfig(max_failures=scaling.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
         datasets=datasets,
     )

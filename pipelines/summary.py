@@ -1,8 +1,11 @@
-"""Terminal output: the end-of-pipeline summary table and ``sslflow ls``."""
+"""Terminal output: the end-of-pipeline summary table, the Tune trials table and ``sslflow ls``."""
 
 from __future__ import annotations
 
+import csv
 import json
+import tempfile
+from pathlib import Path
 
 from pipelines import tracking
 from pipelines.config import PipelineConfig
@@ -48,6 +51,8 @@ def list_pipelines(cfg: PipelineConfig, limit: int = 10) -> str:
         children = {run.data.tags[tracking.STAGE_TAG]: run for run in tracking.search_runs(
             cfg.tracking, f"tags.`{tracking.PARENT_TAG}` = '{info.run_id}'")}
         for stage in STAGES:
+            if stage not in children and stage == "tune":
+                continue
             if stage in children:
                 run = children[stage]
                 record = json.loads(run.data.tags.get(tracking.RECORD_TAG, "{}"))
@@ -59,3 +64,31 @@ def list_pipelines(cfg: PipelineConfig, limit: int = 10) -> str:
             else:
                 lines.append(f"    {stage:<9} {'-':<9}")
     return "\n".join(lines)
+
+
+def trials_table(cfg: PipelineConfig, tune_record: dict) -> str:
+    """The tune stage's trials, best first (its ``tune_results.csv`` artifact), and the chosen overlay."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = tracking.download_artifact(cfg.tracking, tune_record["results_uri"], directory)
+        with Path(path).open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    metric = tune_record["metric"]
+    columns = [name for name in rows[0] if name not in ("trial_id", "run_id", "error")] + ["error"] if rows else []
+
+    def cell(name: str, value: str) -> str:
+        try:
+            return f"{float(value):.4g}" if name not in ("trial", "epochs") else value
+        except ValueError:
+            return value[:60]
+
+    table = [[name.removeprefix("method.config.") for name in columns]]
+    table += [[cell(name, row[name]) for name in columns] for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = ["  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip() for line in table]
+    counts = ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in tune_record["trials"].items())
+    return (
+        f"\nsslflow tune {cfg.name!r}: {len(rows)} trials ({counts}) in {tune_record['search_seconds']:.0f} s, "
+        f"{metric} ({tune_record['mode']}), best first\n" + "\n".join(f"  {line}" for line in lines)
+        + f"\n\nbest: trial {tune_record['best_trial']}  {metric}={tune_record['best_value']:.4f}  "
+        f"overlay {json.dumps(tune_record['config_overlay'])}\n"
+    )

@@ -38,6 +38,7 @@ from pipelines.train_loop import (
     worker_info,
 )
 from ssl_core import augment
+from ssl_core.device import compile_or_eager, uses_channels_last, views_to_memory_format
 from ssl_core.evaluate import extract_features, knn_accuracy
 from ssl_core.methods import SSLMethod, build_method
 
@@ -56,6 +57,7 @@ class PretrainJob:
     cpus_per_worker: float
     run_id: str | None
     failure_marker: str
+    log_model: bool = True
 
 
 class KnnMonitor:
@@ -75,8 +77,9 @@ class KnnMonitor:
     def __call__(self, encoder: nn.Module) -> float:
         bank = extract_features(encoder, self.bank_images, device=self.device, normalize=self.normalize)
         queries = extract_features(encoder, self.val_images, device=self.device, normalize=self.normalize)
-        accuracy = knn_accuracy(bank, self.bank_labels, queries, self.val_labels, num_classes=self.num_classes,
-                                k=self.k, temperature=self.temperature)
+        # kNN on the worker's device (extract_features returns CPU features).
+        accuracy = knn_accuracy(bank.to(self.device), self.bank_labels, queries.to(self.device), self.val_labels,
+                                num_classes=self.num_classes, k=self.k, temperature=self.temperature)
         return accuracy["top1"]
 
 
@@ -108,16 +111,19 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
     job = job_from_dict(PretrainJob, config)
     p = job.pretrain
     info = worker_info(job.cpus_per_worker)
+    if job.run_id is not None:  # every rank records its Ray node: placement across nodes shows in the run's tags
+        node_id = ray.get_runtime_context().get_node_id()
+        tracking.set_tags(job.tracking, job.run_id, {tracking.node_tag(info.rank): node_id})
     method = build_method(job.method_name, job.method_config)
     views = method.view_generator()
     state = load_checkpoint_state()
     if state is not None:
         method.load_state_dict(state["model"])
-    if info.device.type == "cuda":
+    if uses_channels_last(info.device):
         method = method.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(method)
     if p.compile:
-        model = torch.compile(model)
+        model = compile_or_eager(model)
 
     global_batch = p.batch_size * info.world_size
     steps_per_epoch = job.train_rows // global_batch
@@ -148,7 +154,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
         loss_sum = torch.zeros((), device=info.device)
         started = time.perf_counter()
         batches = shard.iter_torch_batches(
-            batch_size=p.batch_size, drop_last=True, device=info.device,
+            batch_size=p.batch_size, drop_last=True, device=info.device, pin_memory=info.device.type == "cuda",
             local_shuffle_buffer_size=min(4 * p.batch_size, job.train_rows), local_shuffle_seed=p.seed + epoch,
         )
         for batch_index, batch in enumerate(batches):
@@ -156,8 +162,7 @@ def train_func(config: dict[str, Any]) -> dict[str, Any] | None:
                 break
             lr = set_lr(optimizer, step, total_steps, warmup_steps, peak_lr, peak_lr * p.final_lr_fraction)
             batch_views = views(batch["image"], generator)
-            if info.device.type == "cuda":
-                batch_views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in batch_views.items()}
+            batch_views = views_to_memory_format(batch_views, info.device)
             with autocast(info.device):
                 loss = model(batch_views).loss
             if p.inject_nan_at_step == step:
@@ -217,13 +222,14 @@ def _log_epoch(job: PretrainJob, step_rows: list[tuple[int, torch.Tensor, float]
 def _finish(job: PretrainJob, method: SSLMethod, metrics: dict[str, float]) -> dict[str, Any]:
     """Rank 0: log the encoder as an MLflow PyTorch model; return the stage's small result record."""
     record: dict[str, Any] = {"metrics": metrics, "encoder_uri": None}
-    if job.run_id is not None:
+    if job.run_id is not None and job.log_model:
         example = torch.zeros(2, 3, job.image_size, job.image_size)
         record["encoder_uri"] = tracking.log_torch_model(job.tracking, job.run_id, method.encoder, "encoder", example)
     return record
 
 
-def pretrain_job(cfg: PipelineConfig, run_id: str | None, run_name: str) -> PretrainJob:
+def pretrain_job(cfg: PipelineConfig, run_id: str | None, run_name: str, log_model: bool = True) -> PretrainJob:
+    """The worker job for ``cfg``; ``log_model=False`` (Tune trials) skips logging the encoder to MLflow."""
     manifest = read_manifest(cfg.data.path)
     return PretrainJob(
         method_name=cfg.method.name,
@@ -236,6 +242,7 @@ def pretrain_job(cfg: PipelineConfig, run_id: str | None, run_name: str) -> Pret
         cpus_per_worker=cfg.scaling.cpus_per_worker,
         run_id=run_id,
         failure_marker=str(Path(cfg.scaling.storage_path) / run_name / "injected_failure"),
+        log_model=log_model,
     )
 
 
