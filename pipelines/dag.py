@@ -221,11 +221,14 @@ def execute_stage(
 ) -> dict[str, Any]:
     """Run one stage in its own nested MLflow run; returns its record (with ``run_id`` and ``fingerprint``).
     An upstream record's ``config_overlay`` (tune's best hyperparameters) is merged into this stage's config."""
-    stage = stages_for(config_from_mapping(config))[stage_name]
-    upstream = dict(zip(stage.upstream, upstream_records))
-    for record in upstream.values():
-        config = deep_merge(config, record.get("config_overlay") or {})
     cfg = config_from_mapping(config)
+    stage = stages_for(cfg)[stage_name]
+    upstream = dict(zip(stage.upstream, upstream_records))
+    overlays = [record["config_overlay"] for record in upstream.values() if record.get("config_overlay")]
+    for overlay in overlays:
+        config = deep_merge(config, overlay)
+    if overlays:
+        cfg = config_from_mapping(config)
     tags = {
         tracking.STAGE_TAG: stage_name,
         tracking.FINGERPRINT_TAG: fingerprint_value,

@@ -51,8 +51,8 @@ def list_pipelines(cfg: PipelineConfig, limit: int = 10) -> str:
         children = {run.data.tags[tracking.STAGE_TAG]: run for run in tracking.search_runs(
             cfg.tracking, f"tags.`{tracking.PARENT_TAG}` = '{info.run_id}'")}
         for stage in STAGES:
-            if stage not in children and stage == "tune":
-                continue
+            if stage not in children and f"sslflow.reused.{stage}" not in tags and STAGES[stage].enabled_by:
+                continue  # an optional stage this pipeline did not switch on
             if stage in children:
                 run = children[stage]
                 record = json.loads(run.data.tags.get(tracking.RECORD_TAG, "{}"))

@@ -19,7 +19,6 @@ import ray.train.torch
 import torch
 from torch import nn
 
-from ssl_core.device import autocast  # noqa: F401 - the loops' device policy, re-exported for them
 from ssl_core.optim import LARS, warmup_cosine
 
 CHECKPOINT_FILE = "checkpoint.pt"

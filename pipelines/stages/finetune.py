@@ -32,7 +32,6 @@ from pipelines.stages.ingest import read_manifest
 from pipelines.train_loop import (
     NonFiniteGuard,
     WorkerInfo,
-    autocast,
     build_optimizer,
     job_from_dict,
     load_checkpoint_state,
@@ -43,6 +42,7 @@ from pipelines.train_loop import (
     worker_info,
 )
 from ssl_core import augment, optim
+from ssl_core.device import autocast
 
 OPTIMIZER = "sgd"
 """Fine-tuning and distillation optimizer: SGD with Nesterov momentum 0.9 (SimCLRv2 fine-tunes with momentum SGD /

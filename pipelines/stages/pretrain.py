@@ -26,7 +26,6 @@ from pipelines.datasets import load_split_tensors, read_split
 from pipelines.stages.ingest import read_manifest
 from pipelines.train_loop import (
     NonFiniteGuard,
-    autocast,
     build_optimizer,
     job_from_dict,
     load_checkpoint_state,
@@ -38,7 +37,7 @@ from pipelines.train_loop import (
     worker_info,
 )
 from ssl_core import augment
-from ssl_core.device import compile_or_eager, uses_channels_last, views_to_memory_format
+from ssl_core.device import autocast, compile_or_eager, uses_channels_last, views_to_memory_format
 from ssl_core.evaluate import extract_features, knn_accuracy
 from ssl_core.methods import SSLMethod, build_method
 

@@ -83,7 +83,7 @@ def trial_base_config(cfg: PipelineConfig) -> dict[str, Any]:
     values["tune"] = {**values["tune"], "enabled": False}
     values["pretrain"].update(epochs=t.epochs, knn_every=1, checkpoint_every=t.epochs)
     values["scaling"].update(num_workers=t.num_workers, cpus_per_worker=t.cpus_per_worker,
-                             gpus_per_worker=max(t.gpus_per_worker, 0.0), use_gpu=t.gpus_per_worker > 0,
+                             gpus_per_worker=t.gpus_per_worker, use_gpu=t.gpus_per_worker > 0,
                              max_failures=0)
     return values
 
@@ -195,11 +195,9 @@ def trial_rows(results, cfg: PipelineConfig, metric: str) -> list[dict[str, Any]
 
 
 def best_row(rows: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    scored = [row for row in rows if row["state"] != ERRORED and row[metric] is not None]
-    if not scored:
-        return None
-    pick = max if mode == "max" else min
-    return pick(scored, key=lambda row: row[metric])
+    """The first of ``sort_rows`` that did not error (ties: the earliest trial), or None."""
+    return next((row for row in sort_rows(rows, metric, mode) if row["state"] != ERRORED and row[metric] is not None),
+                None)
 
 
 def close_trial_runs(cfg: PipelineConfig, rows: list[dict[str, Any]], metric: str) -> None:
@@ -300,14 +298,14 @@ def run_tune(cfg: PipelineConfig, run_id: str) -> dict[str, Any]:
     close_trial_runs(cfg, rows, metric)
     counts = {state: sum(row["state"] == state for row in rows) for state in (COMPLETED, STOPPED_EARLY, ERRORED)}
     results_uri = _log_results(cfg, run_id, rows, searched, metric, mode)
-    tracking.log_metrics(cfg.tracking, run_id, [(0, {"search_seconds": seconds,
-                                                     **{f"trials_{k}": v for k, v in counts.items()}})])
     best = best_row(rows, metric, mode)
+    summary = {"search_seconds": seconds, **{f"trials_{k}": v for k, v in counts.items()}}
+    tracking.log_metrics(cfg.tracking, run_id, [(0, summary if best is None else {**summary,
+                                                                                   f"best_{metric}": best[metric]})])
     if best is None:
         reasons = "; ".join(f"trial {row['trial']}: {row['error'] or 'no metric reported'}" for row in rows)
         raise RuntimeError(f"tune: every one of the {len(rows)} trials failed: {reasons}")
     overlay = unflatten({name: best[name] for name in searched})
-    tracking.log_metrics(cfg.tracking, run_id, [(0, {f"best_{metric}": best[metric]})])
     tracking.log_params(cfg.tracking, run_id, {f"best.{name}": best[name] for name in searched})
     tracking.set_tags(cfg.tracking, run_id, {"sslflow.best_trial": best["trial_id"]})
     tracking.log_json(cfg.tracking, run_id, overlay, "best_config.json")
