@@ -27,11 +27,9 @@ The same seed and inputs always give identical views.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -163,6 +161,18 @@ def normalize(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Te
     return (images - mean_t) / std_t
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """Per-channel ``(x - mean) / std`` of float images in [0, 1]: the last step of every view, and what evaluation
+    applies to un-augmented images so that they match what the encoder was trained on."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __call__(self, images: Tensor) -> Tensor:
+        return normalize(images, self.mean, self.std)
+
+
 def rgb_to_grayscale(images: Tensor) -> Tensor:
     """ITU-R 601 luma ``0.299 R + 0.587 G + 0.114 B``. Shape: (B, 3, H, W) -> (B, 1, H, W)."""
     red, green, blue = images.unbind(1)
@@ -291,8 +301,14 @@ def _crop_boxes(draws: Tensor, height: int, width: int, cfg: ViewConfig) -> Tens
     return torch.stack([x0, y0, box_w, box_h], dim=1)
 
 
-def _augment_float(images: Tensor, cfg: ViewConfig, generator: torch.Generator | None) -> Tensor:
-    """``augment_view`` on images already converted by ``to_float_image``."""
+def augment_float(images: Tensor, cfg: ViewConfig, generator: torch.Generator | None) -> Tensor:
+    """``augment_view`` of images already converted by ``to_float_image`` (so several views convert once).
+    Computed in float32 even when called under autocast (a training step's objective is)."""
+    with torch.autocast(images.device.type, enabled=False):
+        return _augment(images, cfg, generator)
+
+
+def _augment(images: Tensor, cfg: ViewConfig, generator: torch.Generator | None) -> Tensor:
     batch, _, height, width = images.shape
     draws = _uniform((batch, _NUM_DRAWS), generator, images.device)
 
@@ -329,62 +345,7 @@ def augment_view(images: Tensor, cfg: ViewConfig, generator: torch.Generator | N
     Shape: (B, 1 or 3, H, W) uint8 [0, 255] or float [0, 1] -> (B, 3, output_size, output_size) float32,
     normalised by ``cfg.mean`` / ``cfg.std``, on the images' device.
     """
-    return _augment_float(to_float_image(images), cfg, generator)
-
-
-class ViewGenerator:
-    """Named views of a batch: ``generator_fn(images, generator) -> {name: (B, 3, size, size)}``.
-
-    Views are drawn in the order of ``view_configs``, one after another from the same generator.
-    """
-
-    def __init__(self, view_configs: Mapping[str, ViewConfig]) -> None:
-        if not view_configs:
-            raise ValueError("ViewGenerator needs at least one view config")
-        for name, cfg in view_configs.items():
-            if not isinstance(cfg, ViewConfig):
-                raise ValueError(f"view {name!r}: expected a ViewConfig, got {type(cfg).__name__}")
-        self.view_configs: Mapping[str, ViewConfig] = MappingProxyType(dict(view_configs))
-
-    @classmethod
-    def single_view(cls, cfg: ViewConfig) -> ViewGenerator:
-        """One view under the key ``"view1"`` (MAE, rotation)."""
-        return cls({"view1": cfg})
-
-    @classmethod
-    def two_view(cls, cfg1: ViewConfig, cfg2: ViewConfig | None = None) -> ViewGenerator:
-        """Keys ``"view1"``, ``"view2"``; ``cfg2=None`` makes the two views symmetric (``cfg1`` twice)."""
-        return cls({"view1": cfg1, "view2": cfg2 if cfg2 is not None else cfg1})
-
-    @classmethod
-    def multi_crop(
-        cls,
-        global_cfg: ViewConfig | Sequence[ViewConfig],
-        local_cfg: ViewConfig,
-        num_local: int,
-    ) -> ViewGenerator:
-        """Keys ``"global_0"``, ``"global_1"``, ..., ``"local_0"``, ..., ``"local_{num_local - 1}"``.
-
-        ``global_cfg`` is one config for two identical-recipe global crops, or a sequence with one config per
-        global crop (DINO's asymmetric blur / solarisation).
-        """
-        global_cfgs = [global_cfg, global_cfg] if isinstance(global_cfg, ViewConfig) else list(global_cfg)
-        if not global_cfgs:
-            raise ValueError("multi_crop needs at least one global crop config")
-        if num_local < 0:
-            raise ValueError(f"num_local={num_local} must be >= 0")
-        views = {f"global_{i}": cfg for i, cfg in enumerate(global_cfgs)}
-        views.update({f"local_{i}": local_cfg for i in range(num_local)})
-        return cls(views)
-
-    def __call__(self, images: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """Shape: (B, 1 or 3, H, W) uint8 or float -> {name: (B, 3, size, size) float32}."""
-        float_images = to_float_image(images)
-        return {name: _augment_float(float_images, cfg, generator) for name, cfg in self.view_configs.items()}
-
-    def __repr__(self) -> str:
-        sizes = ", ".join(f"{name}={cfg.output_size}" for name, cfg in self.view_configs.items())
-        return f"{type(self).__name__}({sizes})"
+    return augment_float(to_float_image(images), cfg, generator)
 
 
 def random_masking(
@@ -415,117 +376,3 @@ def random_masking(
     mask[:, :num_keep] = 0.0
     mask = torch.gather(mask, 1, ids_restore)
     return ids_keep, mask, ids_restore
-
-
-def _is_small(image_size: int) -> bool:
-    """CIFAR-like resolutions, where the papers' CIFAR recipes drop Gaussian blur."""
-    return image_size < 64
-
-
-def local_crop_size(image_size: int) -> int:
-    """DINO's local crop side, ``image_size * 96 / 224`` rounded to whole ViT patches (a multiple of 8 up to 64px,
-    of 16 above, as the ViT patch size is 4 up to 64px and 16 above): 32 -> 16, 96 -> 48, 224 -> 96."""
-    multiple = 8 if image_size <= 64 else 16
-    return max(multiple, multiple * round(image_size * 96 / 224 / multiple))
-
-
-def _simclr(image_size: int) -> ViewGenerator:
-    # SimCLR appendix A: jitter strength s = 1.0 on ImageNet with blur p=0.5; s = 0.5 and no blur on CIFAR.
-    strength = 0.5 if _is_small(image_size) else 1.0
-    cfg = ViewConfig(
-        image_size,
-        crop_scale=(0.08, 1.0),
-        jitter_prob=0.8,
-        brightness=0.8 * strength,
-        contrast=0.8 * strength,
-        saturation=0.8 * strength,
-        hue=0.2 * strength,
-        grayscale_prob=0.2,
-        blur_prob=0.0 if _is_small(image_size) else 0.5,
-    )
-    return ViewGenerator.two_view(cfg)
-
-
-def _moco(image_size: int) -> ViewGenerator:
-    # MoCo v2: crop scale (0.2, 1), jitter 0.4/0.4/0.4/0.1 p=0.8, grayscale 0.2, blur p=0.5 (dropped on CIFAR).
-    cfg = ViewConfig(
-        image_size,
-        crop_scale=(0.2, 1.0),
-        saturation=0.4,
-        blur_prob=0.0 if _is_small(image_size) else 0.5,
-    )
-    return ViewGenerator.two_view(cfg)
-
-
-def _byol_pair(image_size: int, crop_scale: tuple[float, float] = (0.08, 1.0)) -> tuple[ViewConfig, ViewConfig]:
-    # BYOL table 6: jitter 0.4/0.4/0.2/0.1 p=0.8, grayscale 0.2; blur p=1.0 / 0.1, solarize p=0.0 / 0.2.
-    small = _is_small(image_size)
-    first = ViewConfig(image_size, crop_scale=crop_scale, blur_prob=0.0 if small else 1.0, solarize_prob=0.0)
-    second = dataclasses.replace(first, blur_prob=0.0 if small else 0.1, solarize_prob=0.2)
-    return first, second
-
-
-def _byol(image_size: int) -> ViewGenerator:
-    return ViewGenerator.two_view(*_byol_pair(image_size))
-
-
-def _dino(image_size: int, num_local_crops: int) -> ViewGenerator:
-    # DINO: BYOL's asymmetric global crops at scale (0.4, 1); local crops at 96/224 of the size, scale
-    # (0.05, 0.4), blur p=0.5.
-    global_cfgs = _byol_pair(image_size, crop_scale=(0.4, 1.0))
-    local_cfg = ViewConfig(
-        local_crop_size(image_size),
-        crop_scale=(0.05, 0.4),
-        blur_prob=0.0 if _is_small(image_size) else 0.5,
-    )
-    return ViewGenerator.multi_crop(global_cfgs, local_cfg, num_local_crops)
-
-
-def _mae(image_size: int) -> ViewGenerator:
-    # MAE: RandomResizedCrop(scale=(0.2, 1.0)) + horizontal flip, nothing else.
-    return ViewGenerator.single_view(
-        ViewConfig(image_size, crop_scale=(0.2, 1.0), jitter_prob=0.0, grayscale_prob=0.0)
-    )
-
-
-def _rotation(image_size: int) -> ViewGenerator:
-    # RotNet: light geometric augmentation only (the rotation itself is the pretext label).
-    return ViewGenerator.single_view(
-        ViewConfig(image_size, crop_scale=(0.6, 1.0), jitter_prob=0.0, grayscale_prob=0.0)
-    )
-
-
-_PRESETS: Mapping[str, Callable[[int], ViewGenerator]] = MappingProxyType(
-    {
-        "simclr": _simclr,
-        "moco": _moco,
-        "byol": _byol,
-        "barlow_twins": _byol,  # Barlow Twins uses BYOL's augmentations.
-        "mae": _mae,
-        "rotation": _rotation,
-    }
-)
-DEFAULT_NUM_LOCAL_CROPS = 8
-
-
-def preset_names() -> list[str]:
-    """Methods ``preset`` knows."""
-    return sorted([*_PRESETS, "dino"])
-
-
-def preset(method: str, image_size: int, *, num_local_crops: int | None = None) -> ViewGenerator:
-    """The paper's view generator for ``method``, scaled to ``image_size``.
-
-    Two-view methods (simclr, moco, byol, barlow_twins) give ``"view1"``/``"view2"``; mae and rotation give
-    ``"view1"``; dino gives ``"global_0"``, ``"global_1"``, ``"local_*"`` with ``num_local_crops`` local crops
-    (default 8; only dino accepts it). Below 64 px Gaussian blur is off (the papers' CIFAR recipes).
-    """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise ValueError(f"image_size={image_size!r} must be an int >= 8")
-    if method == "dino":
-        return _dino(image_size, DEFAULT_NUM_LOCAL_CROPS if num_local_crops is None else num_local_crops)
-    if method not in _PRESETS:
-        raise ValueError(f"unknown augmentation preset {method!r}; known: {', '.join(preset_names())}")
-    if num_local_crops is not None:
-        raise ValueError(f"num_local_crops is only used by the 'dino' preset, not {method!r}")
-    return _PRESETS[method](image_size)

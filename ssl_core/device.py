@@ -30,11 +30,14 @@ def uses_channels_last(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
+def images_to_memory_format(images: Tensor, device: torch.device) -> Tensor:
+    """A (B, C, H, W) batch in channels_last where ``uses_channels_last``; unchanged elsewhere."""
+    return images.contiguous(memory_format=torch.channels_last) if uses_channels_last(device) else images
+
+
 def views_to_memory_format(views: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    """The views in channels_last where ``uses_channels_last``; unchanged elsewhere."""
-    if not uses_channels_last(device):
-        return views
-    return {name: view.contiguous(memory_format=torch.channels_last) for name, view in views.items()}
+    """``images_to_memory_format`` of every view."""
+    return {name: images_to_memory_format(view, device) for name, view in views.items()}
 
 
 def _compile_errors() -> tuple[type[BaseException], ...]:

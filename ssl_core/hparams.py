@@ -1,9 +1,11 @@
-"""Typed hyperparameter dataclasses with declared valid ranges, validated once.
+"""Typed hyperparameter dataclasses with declared valid ranges, validated when they are built.
 
 A field declared with ``bounded(default, low, high)`` or ``bounded(default, choices=...)`` carries its valid
-range in the dataclass metadata; ``validate_config`` checks every such field and raises ``ValueError`` naming
-the field, the value and the range. ``config_from_dict`` builds a config from a plain mapping (YAML, Ray Tune)
-and rejects unknown keys by their path.
+range in the dataclass metadata. A dataclass that derives from ``Validated`` checks every bounded field, then its
+own cross-field rules (``check``), in ``__post_init__``: an instance that exists is valid, whether it came from
+YAML, from ``dataclasses.replace`` (a Ray Tune overlay) or from a notebook. A bad value raises
+``FieldValueError`` naming the field, the value and the range; ``config_from_dict`` re-raises it under the key
+path of the mapping it read (``pretrain.lr``, ``method.config.temperature``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,20 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 C = TypeVar("C")
+
+
+class FieldValueError(ValueError):
+    """A field's value is invalid. ``str(error)`` is ``"<where>=<value!r> <reason>"``; ``field`` and ``reason``
+    let a reader that knows the key path re-raise it there (``at``)."""
+
+    def __init__(self, field: str, value: Any, reason: str, where: str | None = None) -> None:
+        self.field, self.value, self.reason = field, value, reason
+        self.where = where or field
+        super().__init__(f"{self.where}={value!r} {reason}")
+
+    def at(self, path: str) -> FieldValueError:
+        """The same error for the field under ``path`` (``path.field``)."""
+        return FieldValueError(self.field, self.value, self.reason, f"{path}.{self.field}")
 
 
 def bounded(
@@ -38,37 +54,64 @@ def field_range(config_cls: type, name: str) -> tuple[float | None, float | None
 
 
 def check_value(config_cls: type, name: str, value: Any, path: str | None = None) -> None:
-    """Raise ``ValueError`` if ``value`` is outside the declared range of field ``name``."""
+    """Raise ``FieldValueError`` if ``value`` is outside the declared range of field ``name``."""
     low, high, choices = field_range(config_cls, name)
     where = path or f"{config_cls.__name__}.{name}"
     if choices is not None and value not in choices:
-        raise ValueError(f"{where}={value!r} is not one of {list(choices)}")
+        raise FieldValueError(name, value, f"is not one of {list(choices)}", where)
     if low is not None and value < low or high is not None and value > high:
         lo = "-inf" if low is None else low
         hi = "inf" if high is None else high
-        raise ValueError(f"{where}={value!r} is out of range [{lo}, {hi}]")
+        raise FieldValueError(name, value, f"is out of range [{lo}, {hi}]", where)
 
 
 def validate_config(config: Any, path: str | None = None) -> None:
-    """Check every bounded field of a dataclass instance; raise ``ValueError`` naming the first bad one."""
+    """Check every bounded field of a dataclass instance; raise ``FieldValueError`` naming the first bad one."""
     prefix = path or type(config).__name__
     for f in dataclasses.fields(config):
         if "low" in f.metadata:
             check_value(type(config), f.name, getattr(config, f.name), f"{prefix}.{f.name}")
 
 
+class Validated:
+    """Mixin of a config dataclass: ``__post_init__`` checks the bounded fields, then ``check()``."""
+
+    def __post_init__(self) -> None:
+        validate_config(self)
+        self.check()
+
+    def check(self) -> None:
+        """Cross-field rules of the subclass; raise ``FieldValueError`` naming the field at fault."""
+
+
 def config_from_dict(config_cls: type[C], values: Mapping[str, Any] | None, path: str = "method") -> C:
-    """Build and validate ``config_cls`` from a mapping; unknown keys raise ``ValueError`` naming their path."""
+    """Build ``config_cls`` from a mapping (types coerced, then validated by construction); unknown keys and bad
+    values raise ``ValueError`` naming their key path under ``path``."""
+    try:
+        config = config_cls(**_coerce_fields(config_cls, values, path))
+    except FieldValueError as error:
+        raise error.at(path) from None
+    if not isinstance(config, Validated):
+        validate_config(config, path)
+    return config
+
+
+def replace_config(config: C, values: Mapping[str, Any], path: str) -> C:
+    """``dataclasses.replace(config, **values)`` with the types coerced as in ``config_from_dict``; a ``Validated``
+    config re-checks itself, and errors name their key path under ``path``."""
+    try:
+        return dataclasses.replace(config, **_coerce_fields(type(config), values, path))
+    except FieldValueError as error:
+        raise error.at(path) from None
+
+
+def _coerce_fields(config_cls: type, values: Mapping[str, Any] | None, path: str) -> dict[str, Any]:
     values = dict(values or {})
     known = {f.name: f for f in dataclasses.fields(config_cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ValueError(f"unknown key {path}.{unknown[0]}; allowed: {', '.join(sorted(known))}")
-    for name, value in values.items():
-        values[name] = _coerce(known[name], value, f"{path}.{name}")
-    config = config_cls(**values)
-    validate_config(config, path)
-    return config
+    return {name: _coerce(known[name], value, f"{path}.{name}") for name, value in values.items()}
 
 
 def _coerce(f: dataclasses.Field, value: Any, path: str) -> Any:

@@ -119,3 +119,26 @@ def warmup_cosine(
         return final_value
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return final_value + (base_value - final_value) * (1.0 + math.cos(math.pi * progress)) / 2.0
+
+
+def build_optimizer(
+    param_groups: list[dict[str, Any]], name: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """LARS (momentum 0.9), AdamW or SGD (momentum 0.9, Nesterov) over ``param_groups``."""
+    if name == "lars":
+        return LARS(param_groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
+    raise ValueError(f"optimizer={name!r} is not one of lars, adamw, sgd")
+
+
+def scaled_lr(base_lr: float, global_batch_size: int, scaling: str) -> float:
+    """SimCLR's rule: ``base_lr x batch / 256`` (``linear``), ``base_lr x sqrt(batch / 256)`` (``sqrt``), or
+    ``base_lr`` (``none``)."""
+    if scaling == "linear":
+        return base_lr * global_batch_size / 256
+    if scaling == "sqrt":
+        return base_lr * math.sqrt(global_batch_size / 256)
+    return base_lr

@@ -13,18 +13,15 @@ from ssl_core.augment import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ViewConfig,
-    ViewGenerator,
     augment_view,
     color_jitter,
     gaussian_blur,
-    local_crop_size,
     normalize,
-    preset,
-    preset_names,
     random_masking,
     resized_crop,
     to_float_image,
 )
+from ssl_core.views import ViewGenerator, byol_views, dino_views, local_crop_size, simclr_views
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 LUMA = (0.299, 0.587, 0.114)
@@ -59,7 +56,7 @@ def plain_config(output_size: int, **overrides: object) -> ViewConfig:
 @pytest.mark.parametrize("device", DEVICES)
 def test_views_have_shape_dtype_and_device(device: str) -> None:
     images = uint8_images(batch=4, size=32).to(device)
-    views = preset("simclr", 32)(images, seeded())
+    views = simclr_views(32)(images, seeded())
     assert set(views) == {"view1", "view2"}
     for view in views.values():
         assert view.shape == (4, 3, 32, 32)
@@ -87,7 +84,7 @@ def test_uint8_and_float_inputs_give_the_same_views() -> None:
 
 def test_same_seed_gives_identical_views_and_different_seeds_differ() -> None:
     images = uint8_images(batch=4)
-    generator = preset("byol", 16)
+    generator = byol_views(16)
     first, again, other = generator(images, seeded(1)), generator(images, seeded(1)), generator(images, seeded(2))
     for name in first:
         assert torch.equal(first[name], again[name])
@@ -286,7 +283,7 @@ def test_random_masking_rejects_bad_ratio(ratio: float) -> None:
         random_masking(2, 16, ratio, seeded())
 
 
-# ---------------------------------------------------------------- generators, presets, validation
+# ---------------------------------------------------------------- generators, recipes, validation
 
 
 def test_multi_crop_keys_and_sizes() -> None:
@@ -297,37 +294,39 @@ def test_multi_crop_keys_and_sizes() -> None:
     assert all(views[f"local_{i}"].shape == (2, 3, 8, 8) for i in range(3))
 
 
-def test_dino_preset_is_asymmetric_with_small_local_crops() -> None:
-    generator = preset("dino", 32, num_local_crops=2)
+def test_dino_recipe_is_asymmetric_with_small_local_crops() -> None:
+    generator = dino_views(32, num_local_crops=2)
     assert list(generator.view_configs) == ["global_0", "global_1", "local_0", "local_1"]
     first, second = generator.view_configs["global_0"], generator.view_configs["global_1"]
     assert first.solarize_prob == 0.0 and second.solarize_prob == 0.2
     assert generator.view_configs["local_0"].output_size == 16
     assert generator.view_configs["local_0"].crop_scale == (0.05, 0.4)
-    big = preset("dino", 224)
+    big = dino_views(224, num_local_crops=8)
     assert big.view_configs["global_0"].blur_prob == 1.0 and big.view_configs["global_1"].blur_prob == 0.1
     assert big.view_configs["local_0"].output_size == 96 and big.view_configs["global_0"].kernel_size == 23
     assert local_crop_size(96) == 48
 
 
-def test_simclr_cifar_preset_follows_the_paper() -> None:
-    cfg = preset("simclr", 32).view_configs["view1"]
+def test_simclr_cifar_recipe_follows_the_paper() -> None:
+    cfg = simclr_views(32).view_configs["view1"]
     assert cfg.crop_scale == (0.08, 1.0) and cfg.blur_prob == 0.0 and cfg.grayscale_prob == 0.2
     jitter = (cfg.brightness, cfg.contrast, cfg.saturation, cfg.hue, cfg.jitter_prob)
     assert jitter == pytest.approx((0.4, 0.4, 0.4, 0.1, 0.8))
 
 
-@pytest.mark.parametrize("method", preset_names())
-def test_every_preset_produces_finite_views(method: str) -> None:
-    views = preset(method, 16)(uint8_images(batch=2), seeded())
-    assert views and all(torch.isfinite(v).all() and v.shape[:2] == (2, 3) for v in views.values())
+def test_views_are_float32_and_unchanged_under_autocast() -> None:
+    images, generator = uint8_images(batch=4, size=32), simclr_views(32)
+    expected = generator(images, seeded())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = generator(images, seeded())
+    for name, view in under_autocast.items():
+        assert view.dtype == torch.float32 and torch.equal(view, expected[name])
 
 
-def test_unknown_preset_lists_known_names() -> None:
-    with pytest.raises(ValueError, match="simclr"):
-        preset("swav", 32)
-    with pytest.raises(ValueError, match="num_local_crops"):
-        preset("simclr", 32, num_local_crops=4)
+def test_a_generator_has_one_normalisation_for_all_its_views() -> None:
+    assert simclr_views(16).normalization.mean == IMAGENET_MEAN
+    with pytest.raises(ValueError, match="share one mean/std"):
+        ViewGenerator.two_view(ViewConfig(16), ViewConfig(16, mean=(0.5, 0.5, 0.5)))
 
 
 @pytest.mark.parametrize(

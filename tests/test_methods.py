@@ -1,9 +1,12 @@
-"""Registry-wide method tests: one step on CPU, gradients, teacher/queue updates, and learning on a toy set."""
+"""Registry-wide method tests: every registered method, with the tiny config its own test module
+(``tests/test_method_<name>.py``) declares as ``TINY``: one step on CPU, gradients, views and their
+normalisation, the fine-tuning trunk, teacher updates, and learning on a toy set."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -11,20 +14,22 @@ import torch
 from ssl_core import available_methods, build_method
 from ssl_core.methods import METHODS, MethodConfig, method_config
 
-TINY: dict[str, dict] = {
-    "simclr": {"image_size": 16, "projection_hidden_dim": 64, "projection_dim": 32},
-    "moco": {"image_size": 16, "projection_hidden_dim": 64, "projection_dim": 32, "queue_size": 64},
-    "byol": {"image_size": 16, "projection_hidden_dim": 64, "projection_dim": 32, "prediction_hidden_dim": 64},
-    "dino": {"image_size": 16, "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "num_local_crops": 2},
-    "barlow_twins": {"image_size": 16, "projection_hidden_dim": 64, "projection_dim": 64},
-    "mae": {"image_size": 16, "decoder_dim": 32, "decoder_depth": 1, "decoder_heads": 2},
-    "rotation": {"image_size": 16, "hidden_dim": 32},
-}
+METHOD_NAMES = available_methods()
+
+
+def tiny(name: str, *, learning: bool = False, **overrides: object) -> dict:
+    """``TINY`` of the method's own test module (which every method must have), with its ``LEARNING`` overrides
+    (if it has any) for the learning test."""
+    try:
+        module = importlib.import_module(f"test_method_{name}")
+    except ModuleNotFoundError:
+        pytest.fail(f"method {name!r} needs its own test module tests/test_method_{name}.py with a TINY config")
+    learning_overrides = getattr(module, "LEARNING", {}) if learning else {}
+    return {**module.TINY, **learning_overrides, **overrides}
 
 
 def test_all_required_methods_are_registered() -> None:
-    assert {"simclr", "moco", "byol", "dino", "barlow_twins", "mae"} <= set(available_methods())
-    assert set(TINY) == set(available_methods()), "every registered method needs a tiny test config"
+    assert {"simclr", "moco", "byol", "dino", "barlow_twins", "mae", "rotation"} <= set(METHOD_NAMES)
 
 
 def test_unknown_method_lists_known_names() -> None:
@@ -39,8 +44,19 @@ def test_out_of_range_value_names_field_and_range() -> None:
         build_method("simclr", {"temperature": -1.0})
     with pytest.raises(ValueError, match=r"unknown key method\.simclr\.temprature"):
         build_method("simclr", {"temprature": 0.1})
-    with pytest.raises(ValueError, match="backbone"):
+    with pytest.raises(ValueError, match=r"method\.simclr\.backbone='resnet1000' is unknown; known: .*resnet18"):
         build_method("simclr", {"backbone": "resnet1000"})
+
+
+def test_a_config_is_valid_by_construction_and_frozen() -> None:
+    config_cls = METHODS.get("simclr").Config
+    with pytest.raises(ValueError, match=r"SimCLRConfig\.temperature=0\.0 is out of range"):
+        config_cls(temperature=0.0)
+    config = config_cls()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.temperature = 0.3  # type: ignore[misc]
+    with pytest.raises(ValueError, match=r"SimCLRConfig\.temperature=20\.0 is out of range"):
+        dataclasses.replace(config, temperature=20.0)
 
 
 def _batch(method, size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -49,13 +65,14 @@ def _batch(method, size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     return method.view_generator()(images, generator)
 
 
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", METHOD_NAMES)
 def test_one_step_gives_finite_loss_and_backbone_gradients(name: str) -> None:
     torch.manual_seed(0)
-    method = build_method(name, TINY[name])
+    method = build_method(name, tiny(name))
     assert isinstance(method.config, MethodConfig) and method.feature_dim > 0
     out = method.training_step(_batch(method))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+    assert all(value.ndim == 0 and not value.requires_grad for value in out.logs.values())
     out.loss.backward()
     encoder_grads = [p.grad for p in method.encoder.parameters() if p.requires_grad]
     assert encoder_grads and all(g is not None for g in encoder_grads)
@@ -64,10 +81,33 @@ def test_one_step_gives_finite_loss_and_backbone_gradients(name: str) -> None:
     assert not trainable, f"trainable parameters without gradient: {trainable[:5]}"
 
 
-@pytest.mark.parametrize("name", ["moco", "byol", "dino"])
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_views_are_finite_and_end_with_the_methods_normalisation(name: str) -> None:
+    method = build_method(name, tiny(name))
+    views = _batch(method, size=2)
+    assert views and all(torch.isfinite(v).all() and v.shape[:2] == (2, 3) for v in views.values())
+    normalization = method.normalization()
+    assert all((cfg.mean, cfg.std) == (normalization.mean, normalization.std)
+               for cfg in method.view_generator().view_configs.values())
+
+
+@pytest.mark.parametrize("name", METHOD_NAMES)
+def test_finetune_head_offers_exactly_the_blocks_the_config_declares(name: str) -> None:
+    method = build_method(name, tiny(name))
+    available = method.config.max_finetune_head_layers()
+    assert len(method.projection_blocks()) == available
+    features = torch.rand(4, method.feature_dim)
+    for layers in range(available + 1):
+        head = method.finetune_head(layers).eval()
+        assert len(head) == layers and head(features).ndim == 2
+    with pytest.raises(ValueError, match=rf"head_layers={available + 1} is out of range: method '{name}'"):
+        method.finetune_head(available + 1)
+
+
+@pytest.mark.parametrize("name", [n for n in METHOD_NAMES if build_method(n, tiny(n)).ema_pairs()])
 def test_teacher_follows_ema_of_online_network(name: str) -> None:
     torch.manual_seed(0)
-    method = build_method(name, TINY[name])
+    method = build_method(name, tiny(name))
     online, teacher = method.ema_pairs()[0]
     teacher_before = copy.deepcopy(teacher.state_dict())
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
@@ -82,29 +122,6 @@ def test_teacher_follows_ema_of_online_network(name: str) -> None:
     assert all(not p.requires_grad for p in teacher.parameters())
 
 
-def test_moco_queue_receives_both_views_keys() -> None:
-    torch.manual_seed(0)
-    method = build_method("moco", TINY["moco"])
-    keys_before = method.queue.keys.clone()
-    method.training_step(_batch(method, size=8))
-    assert int(method.queue.ptr) == 16
-    changed = (method.queue.keys != keys_before).any(dim=1)
-    assert changed[:16].all() and not changed[16:].any()
-    torch.testing.assert_close(method.queue.keys[:16].norm(dim=1), torch.ones(16))
-
-
-def test_dino_teacher_temperature_warms_up_and_survives_state_dict() -> None:
-    config = dict(TINY["dino"], warmup_teacher_temperature=0.04, teacher_temperature=0.07,
-                  teacher_temperature_warmup_fraction=0.5)
-    method = build_method("dino", config)
-    assert method.teacher_temperature_now == pytest.approx(0.04)
-    method.on_after_optimizer_step(step=1, total_steps=10)  # after step 1 -> temperature at step 2 of 5 warmup
-    assert method.teacher_temperature_now == pytest.approx(0.04 + 0.03 * 2 / 5)
-    restored = build_method("dino", config)
-    restored.load_state_dict(method.state_dict())
-    assert restored.teacher_temperature_now == pytest.approx(method.teacher_temperature_now)
-
-
 def _toy_images(count: int = 32) -> torch.Tensor:
     """Two clearly separable classes: bright-left vs bright-top stripes, with pixel noise."""
     generator = torch.Generator().manual_seed(1)
@@ -114,16 +131,11 @@ def _toy_images(count: int = 32) -> torch.Tensor:
     return images
 
 
-# DINO's loss includes the teacher's entropy, which centering raises early in training; with the teacher and
-# its center frozen (momenta 1.0) the loss is the student's cross-entropy to a fixed target and must fall.
-LEARNING_OVERRIDES = {"dino": {"momentum": 1.0, "center_momentum": 1.0}}
-
-
-@pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.parametrize("name", METHOD_NAMES)
 def test_thirty_steps_lower_the_loss(name: str) -> None:
     torch.manual_seed(0)
-    overrides = {"backbone": "resnet8"} if name != "mae" else {}
-    method = build_method(name, {**TINY[name], **overrides, **LEARNING_OVERRIDES.get(name, {})})
+    overrides = {} if METHODS.get(name).Config().backbone.startswith("vit_") else {"backbone": "resnet8"}
+    method = build_method(name, tiny(name, learning=True, **overrides))
     views = method.view_generator()
     optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
     images = _toy_images()
@@ -141,6 +153,6 @@ def test_thirty_steps_lower_the_loss(name: str) -> None:
 
 
 def test_method_config_defaults_are_valid_for_every_method() -> None:
-    for name in METHODS.names():
+    for name in METHOD_NAMES:
         config = method_config(name)
-        assert dataclasses.is_dataclass(config)
+        assert dataclasses.is_dataclass(config) and config.max_finetune_head_layers() >= 0

@@ -1,6 +1,8 @@
-"""Registered SSL methods; importing this package registers every one of them."""
+"""Registered SSL methods: importing this package imports every module in it, and each registers its method."""
 
-from ssl_core.methods import barlow_twins, byol, dino, mae, moco, rotation, simclr  # noqa: F401  (registration)
+import importlib
+import pkgutil
+
 from ssl_core.methods.base import (
     METHODS,
     MethodConfig,
@@ -8,9 +10,13 @@ from ssl_core.methods.base import (
     StepOutput,
     available_methods,
     build_method,
+    check_finetune_head_layers,
     method_config,
     register_method,
 )
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "METHODS",
@@ -19,6 +25,7 @@ __all__ = [
     "StepOutput",
     "available_methods",
     "build_method",
+    "check_finetune_head_layers",
     "method_config",
     "register_method",
 ]

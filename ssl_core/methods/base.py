@@ -1,6 +1,15 @@
 """The SSL method interface, its registry and the shared backbone fields of every method's Config.
 
-A method is an ``nn.Module`` that owns its backbone, heads and loss. The training loop calls, per step::
+A method is an ``nn.Module`` that owns its backbone, heads and loss, and declares everything a training loop,
+an evaluation or SimCLRv2-style fine-tuning needs from it; callers ask, they never read its attributes by name:
+
+- ``view_generator()``: its augmentation views; ``normalization()``: the mean/std evaluation must apply;
+- ``encoder`` (the backbone to keep) and ``feature_dim``;
+- ``training_step(views) -> StepOutput(loss, logs)`` and ``on_after_optimizer_step(step, total_steps)``;
+- ``param_groups(weight_decay)``, ``ema_pairs()``;
+- ``finetune_head(layers)``: the first ``layers`` blocks of its projection head, the trunk fine-tuning keeps.
+
+A training loop calls, per step::
 
     out = method.training_step(views)          # views: dict of augmented batches, see ``view_generator()``
     out.loss.backward(); optimizer.step()
@@ -20,20 +29,35 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ssl_core import augment, optim
+from ssl_core import optim
+from ssl_core.augment import Normalization
 from ssl_core.backbones import BACKBONES, build_backbone
 from ssl_core.ema import cosine_momentum, ema_update
-from ssl_core.hparams import bounded, config_from_dict, validate_config
+from ssl_core.hparams import FieldValueError, Validated, bounded, config_from_dict
 from ssl_core.registry import Registry
+from ssl_core.views import ViewGenerator
 
 
-@dataclass
-class MethodConfig:
-    """Fields every method shares: which backbone, and the image size it is built and augmented for."""
+@dataclass(frozen=True)
+class MethodConfig(Validated):
+    """Fields every method shares: which backbone, and the image size it is built and augmented for.
+
+    A subclass adds its hyperparameters (``bounded`` ranges), its cross-field rules (``check``) and, if it has a
+    projection head, how many of its blocks fine-tuning can keep (``max_finetune_head_layers``).
+    """
 
     backbone: str = "resnet18"
     small_images: bool = True
     image_size: int = bounded(32, 8, 1024)
+
+    def check(self) -> None:
+        if self.backbone not in BACKBONES:
+            raise FieldValueError("backbone", self.backbone, f"is unknown; known: {', '.join(BACKBONES.names())}",
+                                  f"{type(self).__name__}.backbone")
+
+    def max_finetune_head_layers(self) -> int:
+        """Blocks of the projection head that SimCLRv2-style fine-tuning can keep (0: the method has none)."""
+        return 0
 
 
 @dataclass
@@ -42,6 +66,14 @@ class StepOutput:
 
     loss: Tensor
     logs: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+
+
+def check_finetune_head_layers(method_name: str, config: MethodConfig, layers: int) -> None:
+    """Raise ``FieldValueError`` (field ``head_layers``) unless ``0 <= layers <= config.max_finetune_head_layers()``."""
+    available = config.max_finetune_head_layers()
+    if layers < 0 or layers > available:
+        has = f"has {available} projection-head blocks" if available else "has no projection head; use 0"
+        raise FieldValueError("head_layers", layers, f"is out of range: method {method_name!r} {has}")
 
 
 class SSLMethod(nn.Module):
@@ -53,11 +85,8 @@ class SSLMethod(nn.Module):
 
     def __init__(self, config: MethodConfig) -> None:
         super().__init__()
-        if config.backbone not in BACKBONES:
-            raise ValueError(
-                f"{type(config).__name__}.backbone={config.backbone!r} is unknown; known: {', '.join(BACKBONES.names())}"
-            )
-        validate_config(config)
+        if not isinstance(config, self.Config):
+            raise TypeError(f"method {self.name!r} takes a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
 
     def build_encoder(self, **kwargs: Any) -> nn.Module:
@@ -68,9 +97,26 @@ class SSLMethod(nn.Module):
     def feature_dim(self) -> int:
         return int(self.encoder.feature_dim)
 
-    def view_generator(self) -> augment.ViewGenerator:
-        """The paper's augmentation preset for this method, scaled to ``config.image_size``."""
-        return augment.preset(self.name, self.config.image_size)
+    def view_generator(self) -> ViewGenerator:
+        """The method's augmentation views of a uint8 batch, scaled to ``config.image_size``."""
+        raise NotImplementedError
+
+    def normalization(self) -> Normalization:
+        """The mean/std the views end with: evaluation and fine-tuning normalise images in [0, 1] with it."""
+        return self.view_generator().normalization
+
+    def projection_blocks(self) -> nn.Sequential:
+        """The blocks of the projection head fine-tuning may keep (``len == config.max_finetune_head_layers()``)."""
+        return nn.Sequential()
+
+    def finetune_head(self, layers: int) -> nn.Sequential:
+        """The first ``layers`` projection-head blocks (shared with this method, not copied); empty for 0.
+
+        SimCLRv2 (Chen et al. 2020b, Sec. 2) fine-tunes "from the middle layer of the projection head": the
+        encoder plus ``layers`` blocks ``Linear -> BN -> ReLU`` under a new linear classifier.
+        """
+        check_finetune_head_layers(self.name, self.config, layers)
+        return self.projection_blocks()[:layers]
 
     def training_step(self, views: dict[str, Tensor]) -> StepOutput:
         raise NotImplementedError
@@ -117,14 +163,12 @@ def build_method(name: str, config: MethodConfig | Mapping[str, Any] | None = No
     """Build the method registered as ``name`` from its Config or a mapping of its fields (validated)."""
     cls = METHODS.get(name)
     if config is None or isinstance(config, Mapping):
-        config = config_from_dict(cls.Config, config, path=f"method.{name}")
-    elif not isinstance(config, cls.Config):
-        raise TypeError(f"method {name!r} takes a {cls.Config.__name__}, got {type(config).__name__}")
+        config = method_config(name, config)
     return cls(config)
 
 
 def method_config(name: str, values: Mapping[str, Any] | None = None, path: str | None = None) -> MethodConfig:
-    """Validate ``values`` against the Config of method ``name`` without building the model."""
+    """The Config of method ``name`` from a mapping of its fields, validated, without building the model."""
     return config_from_dict(METHODS.get(name).Config, values, path=path or f"method.{name}")
 
 

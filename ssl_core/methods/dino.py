@@ -12,15 +12,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ssl_core import augment
 from ssl_core.ema import frozen_copy
 from ssl_core.heads import DINOHead
 from ssl_core.hparams import bounded
 from ssl_core.losses import DINOLoss
 from ssl_core.methods.base import MethodConfig, SSLMethod, StepOutput, register_method
+from ssl_core.views import ViewGenerator, dino_views
 
 
-@dataclass
+@dataclass(frozen=True)
 class DINOConfig(MethodConfig):
     out_dim: int = bounded(65536, 16, 262144)
     hidden_dim: int = bounded(2048, 16, 16384)
@@ -74,8 +74,8 @@ class DINO(SSLMethod):
     def set_extra_state(self, state: dict[str, float]) -> None:
         self.teacher_temperature_now = float(state["teacher_temperature_now"])
 
-    def view_generator(self) -> augment.ViewGenerator:
-        return augment.preset("dino", self.config.image_size, num_local_crops=self.config.num_local_crops)
+    def view_generator(self) -> ViewGenerator:
+        return dino_views(self.config.image_size, self.config.num_local_crops)
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder, self.teacher_encoder), (self.head, self.teacher_head)]

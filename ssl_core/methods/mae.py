@@ -12,12 +12,13 @@ from torch import Tensor, nn
 
 from ssl_core.augment import random_masking
 from ssl_core.backbones import TransformerBlock, VisionTransformer, sincos_position_embedding_2d
-from ssl_core.hparams import bounded
+from ssl_core.hparams import FieldValueError, bounded
 from ssl_core.losses import MaskedReconstructionLoss
 from ssl_core.methods.base import MethodConfig, SSLMethod, StepOutput, register_method
+from ssl_core.views import ViewGenerator, crop_flip_view
 
 
-@dataclass
+@dataclass(frozen=True)
 class MAEConfig(MethodConfig):
     backbone: str = "vit_tiny"
     small_images: bool = False
@@ -26,6 +27,11 @@ class MAEConfig(MethodConfig):
     decoder_depth: int = bounded(4, 1, 24)
     decoder_heads: int = bounded(3, 1, 32)
     normalize_pixels: bool = True
+
+    def check(self) -> None:
+        super().check()
+        if not self.backbone.startswith("vit_"):
+            raise FieldValueError("backbone", self.backbone, "must be a ViT (vit_tiny, vit_small)", "MAEConfig.backbone")
 
 
 class MAEDecoder(nn.Module):
@@ -64,10 +70,12 @@ class MAE(SSLMethod):
     def __init__(self, config: MAEConfig) -> None:
         super().__init__(config)
         self.encoder = self.build_encoder()
-        if not isinstance(self.encoder, VisionTransformer):
-            raise ValueError(f"MAEConfig.backbone={config.backbone!r} must be a ViT (vit_tiny, vit_small)")
         self.decoder = MAEDecoder(self.encoder, config.decoder_dim, config.decoder_depth, config.decoder_heads)
         self.criterion = MaskedReconstructionLoss(normalize_pixels=config.normalize_pixels)
+
+    def view_generator(self) -> ViewGenerator:
+        """RandomResizedCrop(scale=(0.2, 1.0)) and a horizontal flip, nothing else (He et al. 2022)."""
+        return ViewGenerator.single_view(crop_flip_view(self.config.image_size, (0.2, 1.0)))
 
     def training_step(self, views: dict[str, Tensor]) -> StepOutput:
         images = views["view1"]

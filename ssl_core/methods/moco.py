@@ -17,9 +17,12 @@ from ssl_core.hparams import bounded
 from ssl_core.losses import InfoNCEQueueLoss
 from ssl_core.methods.base import MethodConfig, SSLMethod, StepOutput, register_method
 from ssl_core.queue import NegativeQueue
+from ssl_core.views import ViewGenerator, moco_views
+
+PROJECTION_LAYERS = 2
 
 
-@dataclass
+@dataclass(frozen=True)
 class MoCoConfig(MethodConfig):
     temperature: float = bounded(0.2, 0.01, 10.0)
     queue_size: int = bounded(65536, 16, 1 << 20)
@@ -27,6 +30,9 @@ class MoCoConfig(MethodConfig):
     projection_hidden_dim: int = bounded(2048, 16, 16384)
     projection_dim: int = bounded(128, 8, 8192)
     gather_distributed: bool = True
+
+    def max_finetune_head_layers(self) -> int:
+        return PROJECTION_LAYERS
 
 
 @register_method("moco")
@@ -37,12 +43,18 @@ class MoCo(SSLMethod):
         super().__init__(config)
         self.encoder = self.build_encoder()
         self.projection_head = ProjectionHead(
-            self.encoder.feature_dim, config.projection_hidden_dim, config.projection_dim, num_layers=2
+            self.encoder.feature_dim, config.projection_hidden_dim, config.projection_dim, num_layers=PROJECTION_LAYERS
         )
         self.key_encoder = frozen_copy(self.encoder)
         self.key_projection_head = frozen_copy(self.projection_head)
         self.queue = NegativeQueue(config.queue_size, config.projection_dim, config.gather_distributed)
         self.criterion = InfoNCEQueueLoss(config.temperature)
+
+    def view_generator(self) -> ViewGenerator:
+        return moco_views(self.config.image_size)
+
+    def projection_blocks(self) -> nn.Sequential:
+        return self.projection_head.layers
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder, self.key_encoder), (self.projection_head, self.key_projection_head)]

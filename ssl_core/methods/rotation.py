@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from ssl_core.hparams import bounded
 from ssl_core.methods.base import MethodConfig, SSLMethod, StepOutput, register_method
+from ssl_core.views import ViewGenerator, crop_flip_view
 
 
 def rotate_batch(images: Tensor, quarter_turns: Tensor) -> Tensor:
@@ -20,7 +21,7 @@ def rotate_batch(images: Tensor, quarter_turns: Tensor) -> Tensor:
     return rotated
 
 
-@dataclass
+@dataclass(frozen=True)
 class RotationConfig(MethodConfig):
     hidden_dim: int = bounded(512, 16, 16384)
 
@@ -38,6 +39,10 @@ class Rotation(SSLMethod):
             nn.ReLU(inplace=True),
             nn.Linear(config.hidden_dim, 4),
         )
+
+    def view_generator(self) -> ViewGenerator:
+        """Light geometric augmentation only: the rotation itself is the pretext label."""
+        return ViewGenerator.single_view(crop_flip_view(self.config.image_size, (0.6, 1.0)))
 
     def training_step(self, views: dict[str, Tensor]) -> StepOutput:
         images = views["view1"]

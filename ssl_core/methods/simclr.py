@@ -3,7 +3,7 @@
 The projection head ends in batch norm, as in both papers' code.
 
 SimCLRv2 = a deeper (3-layer) projection head; fine-tuning later starts from the output of its first layer
-(``projection_head.forward_layers(h)[0]``).
+(``finetune_head(1)``).
 """
 
 from __future__ import annotations
@@ -11,21 +11,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ssl_core.heads import ProjectionHead
 from ssl_core.hparams import bounded
 from ssl_core.losses import NTXentLoss
 from ssl_core.methods.base import MethodConfig, SSLMethod, StepOutput, register_method
+from ssl_core.views import ViewGenerator, simclr_views
 
 
-@dataclass
+@dataclass(frozen=True)
 class SimCLRConfig(MethodConfig):
     temperature: float = bounded(0.5, 0.01, 10.0)
     projection_layers: int = bounded(3, 1, 4)
     projection_hidden_dim: int = bounded(2048, 16, 16384)
     projection_dim: int = bounded(128, 8, 8192)
     gather_distributed: bool = True
+
+    def max_finetune_head_layers(self) -> int:
+        return self.projection_layers
 
 
 @register_method("simclr")
@@ -43,6 +47,12 @@ class SimCLR(SSLMethod):
             last_norm=True,
         )
         self.criterion = NTXentLoss(config.temperature, gather_distributed=config.gather_distributed)
+
+    def view_generator(self) -> ViewGenerator:
+        return simclr_views(self.config.image_size)
+
+    def projection_blocks(self) -> nn.Sequential:
+        return self.projection_head.layers
 
     def training_step(self, views: dict[str, Tensor]) -> StepOutput:
         both = torch.cat([views["view1"], views["view2"]])
