@@ -1,4 +1,9 @@
-"""Reading an ingest output (Parquet shards + ``_manifest.json``) for training and evaluation.
+"""The pipeline's data contract: the layout of an ingest output, the seeded stratified subset, and the readers.
+
+An ingest output (written by ``pipelines.stages.ingest``) is a folder of Parquet shards, one split per shard,
+plus ``_manifest.json`` (``MANIFEST_NAME``, read with ``read_manifest``); the splits are ``SPLITS``.
+``stratified_subset`` is the one seeded, class-stratified draw: ingest uses it to assign splits and hide
+labels, ``labeled_subset_ids`` to pick the labeled fraction that fine-tuning sees.
 
 Two readers, for two jobs:
 
@@ -18,10 +23,12 @@ warning, never raised mid-epoch.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -29,11 +36,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from pipelines.stages.ingest import read_manifest
-from ssl_core.data import decode_images
+from ssl_core.data import SCHEMA_VERSION, decode_images
 
 logger = logging.getLogger(__name__)
 
+MANIFEST_NAME = "_manifest.json"
+SPLITS = ("train", "val", "test")
+"""The splits of an ingest output, in the order ingest writes them."""
 UNLABELED = -1
 """Label value given to rows whose Parquet label is null."""
 
@@ -42,7 +51,60 @@ READ_CPUS = 0.25
 most CPUs the readers still get scheduled instead of stalling the workers they feed."""
 
 _COLUMNS = ["id", "image", "label", "split"]
-_SUBSET_STREAM = 10  # random stream of labeled_subset_ids (ingest uses 0-3), see np.random.default_rng([seed, ...])
+Key = TypeVar("Key", int, str)
+_SUBSET_STREAM = 10  # random stream of labeled_subset_ids; ingest uses 0-3 (see stratified_subset)
+
+
+def read_manifest(path: Path | str) -> dict:
+    """Load ``_manifest.json`` from an ingest output folder (or the file itself) and check its version."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_NAME if path.is_dir() else path
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"no ingest manifest at {str(manifest_path)!r} (run `sslflow ingest` first)")
+    manifest = json.loads(manifest_path.read_text())
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{manifest_path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    return manifest
+
+
+def _stratified_count(size: int, fraction: float, *, leave_one_out: bool) -> int:
+    """How many of a class's ``size`` items a ``fraction`` takes.
+
+    ``fraction <= 0`` -> 0, ``fraction >= 1`` -> ``size``; otherwise ``floor(size * fraction + 0.5)`` clamped to
+    [1, size]. With ``leave_one_out`` the clamp is [1, size - 1] (at least one item stays out), and a class of
+    one item takes ``floor(fraction + 0.5)`` (0 or 1).
+    """
+    if fraction <= 0 or size == 0:
+        return 0
+    if fraction >= 1:
+        return size
+    count = math.floor(size * fraction + 0.5)
+    if leave_one_out:
+        return min(max(count, 1), size - 1) if size >= 2 else count
+    return min(max(count, 1), size)
+
+
+def stratified_subset(
+    keys: Sequence[Key], labels: Sequence[int], fraction: float, *, seed: int, stream: int, leave_one_out: bool
+) -> list[Key]:
+    """The seeded, class-stratified subset of ``keys`` (one label per key), sorted.
+
+    Per class: its keys in sorted order, permuted by ``np.random.default_rng([seed, stream, label])``; the first
+    ``_stratified_count(n, fraction, leave_one_out=...)`` are taken. The permutation does not depend on
+    ``fraction``, so for one seed and stream a smaller fraction's subset is contained in a larger one's.
+    Streams: ingest's test/val/label draws use 0, 1, 2 (3 orders the rows), ``labeled_subset_ids`` 10.
+    """
+    by_class: dict[int, list[Key]] = {}
+    for key, label in zip(keys, labels, strict=True):
+        by_class.setdefault(int(label), []).append(key)
+    chosen: list[Key] = []
+    for label, members in by_class.items():
+        members.sort()
+        permutation = np.random.default_rng([seed, stream, label]).permutation(len(members))
+        count = _stratified_count(len(members), fraction, leave_one_out=leave_one_out)
+        chosen.extend(members[index] for index in permutation[:count])
+    return sorted(chosen)
 
 
 def _split_names(splits: str | list[str]) -> list[str]:
@@ -181,12 +243,11 @@ def load_split_tensors(
 
 
 def labeled_subset_ids(dataset_dir: Path | str, split: str, fraction: float, seed: int) -> list[str]:
-    """Ids of a class-balanced, seeded subset of the labeled rows of ``split`` (sorted).
+    """Ids of the seeded, class-stratified subset of the labeled rows of ``split`` (sorted).
 
-    Per class with ``n`` labeled rows: ``round(fraction * n)`` ids (half up), at least 1 and at most ``n``,
-    drawn by a permutation seeded with ``(seed, class)`` over the class's sorted ids. The permutation does not
-    depend on ``fraction``, so for one seed a smaller fraction's subset is contained in a larger one's. Reads
-    only the ``id``, ``label`` and ``split`` columns.
+    ``stratified_subset`` of the ids with ``leave_one_out=False``: per class of ``n`` labeled rows,
+    ``floor(fraction * n + 0.5)`` ids, at least 1 and at most ``n``; for one seed a smaller fraction's subset is
+    contained in a larger one's. Reads only the ``id``, ``label`` and ``split`` columns.
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction={fraction} must be in (0, 1]")
@@ -195,12 +256,6 @@ def labeled_subset_ids(dataset_dir: Path | str, split: str, fraction: float, see
     table = table.filter(pc.and_(pc.equal(table.column("split"), split), pc.is_valid(table.column("label"))))
     if table.num_rows == 0:
         raise ValueError(f"split {split!r} of {dataset_dir} has no labeled rows")
-    ids = np.asarray(table.column("id").to_pylist(), dtype=object)
-    labels = table.column("label").to_numpy()
-    chosen: list[str] = []
-    for label in np.unique(labels):
-        class_ids = np.sort(ids[labels == label])
-        count = min(len(class_ids), max(1, math.floor(fraction * len(class_ids) + 0.5)))
-        permutation = np.random.default_rng([seed, _SUBSET_STREAM, int(label)]).permutation(len(class_ids))
-        chosen.extend(class_ids[permutation[:count]].tolist())
-    return sorted(chosen)
+    ids = table.column("id").to_pylist()
+    labels = table.column("label").to_pylist()
+    return stratified_subset(ids, labels, fraction, seed=seed, stream=_SUBSET_STREAM, leave_one_out=False)

@@ -11,10 +11,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
-from test_data import random_images, write_cifar10, write_image_folder, write_stl10
+from test_data import random_images
+from test_sources import write_cifar10, write_image_folder, write_stl10
 
 import pipelines.stages.ingest as ingest_module
-from pipelines.stages.ingest import MANIFEST_NAME, ingest, read_manifest
+from pipelines.datasets import MANIFEST_NAME, read_manifest
+from pipelines.stages.ingest import ingest
 from ssl_core.data import PARQUET_SCHEMA
 
 
@@ -75,8 +77,8 @@ def test_flat_folder_is_all_unlabeled_train(tmp_path: Path):
     assert all(row["label"] is None and row["split"] == "train" for row in rows.values())
 
 
-def test_cifar10_keeps_its_test_split(tmp_path: Path):
-    images, labels = write_cifar10(tmp_path / "cifar", per_batch=4, test_count=5)
+def test_cifar10_keeps_its_test_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    images, labels = write_cifar10(tmp_path / "cifar", monkeypatch, per_batch=4, test_count=5)
     manifest = ingest(str(tmp_path / "cifar"), tmp_path / "out", val_fraction=0.25)
     assert manifest["source_kind"] == "cifar10" and manifest["test_split_from"] == "source"
     assert manifest["splits"]["test"]["rows"] == 5
@@ -89,8 +91,8 @@ def test_cifar10_keeps_its_test_split(tmp_path: Path):
         assert np.array_equal(decode(row["image"]), images[20 + index])
 
 
-def test_stl10_unlabeled_goes_to_train(tmp_path: Path):
-    parts = write_stl10(tmp_path / "stl")
+def test_stl10_unlabeled_goes_to_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    parts = write_stl10(tmp_path / "stl", monkeypatch)
     manifest = ingest(f"stl10:{tmp_path / 'stl'}", tmp_path / "out", val_fraction=0.0)
     assert manifest["image_size"] == [96, 96]
     assert manifest["splits"]["train"] == {"rows": 5, "labeled": 3, "unlabeled": 2, "labels": {"0": 1, "1": 1, "9": 1}}

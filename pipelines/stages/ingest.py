@@ -1,7 +1,7 @@
 """Ingest stage: turn an image source into Parquet shards (the data contract) plus ``_manifest.json``.
 
 ``ingest(source, out)`` reads an image folder, local CIFAR-10/100 or STL-10 files, an ``.npz`` or the
-built-in ``digits`` set (see ``ssl_core.data``), assigns every image to ``train``/``val``/``test``, hides
+built-in ``digits`` set (see ``ssl_core.sources``), assigns every image to ``train``/``val``/``test``, hides
 labels outside a class-balanced labeled fraction, and writes::
 
     OUT/train-00000.parquet ...   rows (id, image PNG/JPEG bytes, label int32 or null, split), one split
@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -44,149 +43,29 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipelines import tracking
+from pipelines.config import PipelineConfig
+from pipelines.datasets import MANIFEST_NAME, SPLITS, read_manifest, stratified_subset
+from pipelines.records import IngestRecord, StageRecord
 from ssl_core.data import (
-    BUILTIN_SOURCES,
-    CIFAR_LAYOUTS,
-    IMAGE_EXTENSIONS,
-    PARQUET_SCHEMA,
-    SCHEMA_VERSION,
-    CorruptImage,
-    CorruptImageError,
-    ImageFolderSource,
-    ImageSource,
-    Sample,
-    SourceRecord,
-    Stl10Source,
-    cifar_folder,
-    cifar_source,
-    encode_png,
-    npz_source,
-    stl10_folder,
+    PARQUET_SCHEMA, SCHEMA_VERSION, CorruptImage, CorruptImageError, Sample, SourceRecord, encode_png,
 )
+from ssl_core.sources import ImageSource, open_source
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "_manifest.json"
-SPLITS = ("train", "val", "test")
-DOWNLOADABLE = ("cifar10", "cifar100", "stl10")
-SOURCE_KINDS = ("folder", "npz", "cifar10", "cifar100", "stl10")
 ROW_GROUP_BYTES = 4 * 2**20
 """Target bytes per Parquet row group: small enough for a reader to hold a few, large enough to scan fast."""
 
-# Independent random streams: np.random.default_rng([seed, stream, ...]).
+# Independent random streams: np.random.default_rng([seed, stream, ...]) (see stratified_subset).
 _TEST_STREAM, _VAL_STREAM, _LABEL_STREAM, _ORDER_STREAM = 0, 1, 2, 3
 _LOAD_CHUNK = 1024  # images handed to the loader threads at a time (bounds memory, keeps row order)
 
 
-# --------------------------------------------------------------------------------------------------
-# Source resolution
-# --------------------------------------------------------------------------------------------------
-
-
-def _download(kind: str, root: Path) -> None:
-    """Fetch CIFAR-10/100 or STL-10 into ``root`` with torchvision (the only network access of ingest)."""
-    import torchvision.datasets  # lazy: only needed to download
-
-    root.mkdir(parents=True, exist_ok=True)
-    if kind == "cifar10":
-        torchvision.datasets.CIFAR10(str(root), train=True, download=True)
-    elif kind == "cifar100":
-        torchvision.datasets.CIFAR100(str(root), train=True, download=True)
-    elif kind == "stl10":
-        torchvision.datasets.STL10(str(root), split="train", download=True)
-    else:
-        raise ValueError(f"download is only supported for {', '.join(DOWNLOADABLE)}, not {kind!r}")
-
-
-def _detect_kind(path: Path) -> str:
-    """Auto-detect the source format of an existing path; a folder that is nothing else is an image folder."""
-    if path.is_file():
-        if path.suffix.lower() == ".npz":
-            return "npz"
-        raise ValueError(
-            f"unknown source format for file {str(path)!r}: expected an .npz file or a folder "
-            f"(image folder, CIFAR-10/100 python batches, STL-10 binaries)"
-        )
-    for kind in CIFAR_LAYOUTS:
-        if cifar_folder(path, kind) is not None:
-            return kind
-    if stl10_folder(path) is not None:
-        return "stl10"
-    return "folder"
-
-
-def open_source(source: str, *, download: bool = False) -> ImageSource:
-    """Resolve a source string to an ``ImageSource``.
-
-    Accepted forms: ``builtin:digits``; ``KIND:PATH`` with KIND in folder, npz, cifar10, cifar100, stl10;
-    or a bare PATH whose format is auto-detected. ``download=True`` needs ``cifar10:``/``cifar100:``/
-    ``stl10:PATH`` and fetches the published files into PATH with torchvision; without it the network is
-    never touched.
-    """
-    kind, _, rest = source.partition(":")
-    if kind == "builtin":
-        if download:
-            raise ValueError(f"download is only supported for {', '.join(DOWNLOADABLE)}, not {source!r}")
-        if rest not in BUILTIN_SOURCES:
-            known = ", ".join(f"builtin:{name}" for name in BUILTIN_SOURCES)
-            raise ValueError(f"unknown built-in source {source!r}; known: {known}")
-        return BUILTIN_SOURCES[rest]()
-    if kind in SOURCE_KINDS and rest:
-        path = Path(rest).expanduser()
-    else:
-        kind, path = "", Path(source).expanduser()
-    if download:
-        if kind not in DOWNLOADABLE:
-            raise ValueError(
-                f"download is only supported for {', '.join(f'{k}:PATH' for k in DOWNLOADABLE)}; got {source!r}"
-            )
-        _download(kind, path)
-    if not path.exists():
-        raise FileNotFoundError(f"ingest source {str(path)!r} does not exist")
-    detected = not kind
-    kind = kind or _detect_kind(path)
-    if kind == "folder":
-        folder = ImageFolderSource(path)
-        if detected and not folder.records():
-            raise ValueError(
-                f"unknown source format for folder {str(path)!r}: found no images ({', '.join(IMAGE_EXTENSIONS)}), "
-                f"no CIFAR-10/100 python batches and no STL-10 binaries"
-            )
-        return folder
-    if kind == "npz":
-        return npz_source(path)
-    if kind in CIFAR_LAYOUTS:
-        return cifar_source(path, kind)
-    return Stl10Source(path)
-
-
-# --------------------------------------------------------------------------------------------------
-# Split assignment
-# --------------------------------------------------------------------------------------------------
-
-
-def _take_count(size: int, fraction: float) -> int:
-    """How many of ``size`` items a ``fraction`` takes: rounded half up, and for 0 < fraction < 1 at
-    least one and at most size - 1 when the class has two or more items."""
-    if fraction <= 0 or size == 0:
-        return 0
-    if fraction >= 1:
-        return size
-    count = math.floor(size * fraction + 0.5)
-    return min(max(count, 1), size - 1) if size >= 2 else count
-
-
-def _stratified_take(indices: list[int], labels: list[int | None], fraction: float, seed: int, stream: int) -> set[int]:
-    """Per class, a seeded random ``_take_count`` of ``indices`` (all labeled)."""
-    by_class: dict[int, list[int]] = {}
-    for index in indices:
-        by_class.setdefault(labels[index], []).append(index)  # type: ignore[arg-type]
-    taken: set[int] = set()
-    for label in sorted(by_class):
-        members = np.asarray(by_class[label])
-        permutation = np.random.default_rng([seed, stream, label]).permutation(len(members))
-        taken.update(members[permutation[: _take_count(len(members), fraction)]].tolist())
-    return taken
+def _stratified(indices: list[int], labels: list[int | None], fraction: float, seed: int, stream: int) -> set[int]:
+    """``stratified_subset`` of ``indices`` (all labeled) that leaves at least one item of a class out."""
+    class_labels = [labels[index] for index in indices]
+    return set(stratified_subset(indices, class_labels, fraction, seed=seed, stream=stream, leave_one_out=True))
 
 
 @dataclass
@@ -210,25 +89,20 @@ def assign_splits(
         for i in free:
             splits[i] = "train"
     else:
-        test = _stratified_take([i for i in free if labels[i] is not None], labels, test_fraction, seed, _TEST_STREAM)
+        test = _stratified([i for i in free if labels[i] is not None], labels, test_fraction, seed, _TEST_STREAM)
         for i in free:
             splits[i] = "test" if i in test else "train"
     labeled_train = [i for i, split in enumerate(splits) if split == "train" and labels[i] is not None]
-    val = _stratified_take(labeled_train, labels, val_fraction, seed, _VAL_STREAM)
+    val = _stratified(labeled_train, labels, val_fraction, seed, _VAL_STREAM)
     for i in val:
         splits[i] = "val"
     remaining = [i for i in labeled_train if i not in val]
-    keep = _stratified_take(remaining, labels, label_fraction, seed, _LABEL_STREAM)
+    keep = _stratified(remaining, labels, label_fraction, seed, _LABEL_STREAM)
     written = list(labels)
     for i in remaining:
         if i not in keep:
             written[i] = None
     return SplitAssignment(splits, written, "source" if has_source_test else "stratified")
-
-
-# --------------------------------------------------------------------------------------------------
-# Shard writing
-# --------------------------------------------------------------------------------------------------
 
 
 def write_shard(table: pa.Table, path: Path, row_group_rows: int) -> None:
@@ -283,11 +157,6 @@ class ShardWriter:
         self.shards.append({"file": name, "split": self._split, "rows": count, "bytes": size})
         self._rows = {"id": [], "image": [], "label": [], "split": []}
         self._bytes = 0
-
-
-# --------------------------------------------------------------------------------------------------
-# Ingest
-# --------------------------------------------------------------------------------------------------
 
 
 def _check_fraction(name: str, value: float, *, allow_one: bool) -> None:
@@ -504,27 +373,12 @@ def _replace(temporary: Path, out: Path) -> None:
     shutil.rmtree(previous)
 
 
-def read_manifest(path: Path | str) -> dict:
-    """Load ``_manifest.json`` from an ingest output folder (or the file itself) and check its version."""
-    path = Path(path)
-    manifest_path = path / MANIFEST_NAME if path.is_dir() else path
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no ingest manifest at {str(manifest_path)!r} (run `sslflow ingest` first)")
-    manifest = json.loads(manifest_path.read_text())
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"{manifest_path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
-    return manifest
-
-
-def ingest_stage(cfg, run_id: str, upstream: dict) -> dict:
+def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> IngestRecord:
     """Pipeline stage: make sure ``cfg.data.path`` holds the ingest of ``cfg.data.source``; log its manifest.
 
     An existing output with the same source, seed and fractions is kept (its content hash identifies it);
     anything else at that path that ``ingest`` wrote is replaced.
     """
-    from pipelines import tracking
-
     data = cfg.data
     wanted = {"source": data.source, "seed": data.seed, "val_fraction": data.val_fraction}
     manifest = None
@@ -535,11 +389,8 @@ def ingest_stage(cfg, run_id: str, upstream: dict) -> dict:
     if manifest is None:
         manifest = ingest(data.source, data.path, val_fraction=data.val_fraction, seed=data.seed, overwrite=True)
     tracking.log_json(cfg.tracking, run_id, manifest, MANIFEST_NAME)
-    counts = {f"{split}_rows": info["rows"] for split, info in manifest["splits"].items()}
-    tracking.log_metrics(cfg.tracking, run_id, [(0, {**counts, "corrupt_images": manifest["corrupt_count"]})])
-    return {
-        "path": data.path,
-        "content_hash": manifest["content_hash"],
-        "num_classes": manifest["num_classes"],
-        "metrics": {**counts, "corrupt_images": manifest["corrupt_count"]},
-    }
+    metrics = {**{f"{split}_rows": info["rows"] for split, info in manifest["splits"].items()},
+               "corrupt_images": manifest["corrupt_count"]}
+    tracking.log_metrics(cfg.tracking, run_id, [(0, metrics)])
+    return IngestRecord(path=data.path, content_hash=manifest["content_hash"], num_classes=manifest["num_classes"],
+                        metrics=metrics)
