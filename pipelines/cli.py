@@ -71,16 +71,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """The pretrain stage alone (ingesting first if the dataset is missing), in its own MLflow run."""
     from pipelines import tracking
-    from pipelines.stages.ingest import MANIFEST_NAME, ingest
-    from pipelines.stages.pretrain import run_pretrain
+    from pipelines.datasets import MANIFEST_NAME
+    from pipelines.stages import pretrain
+    from pipelines.stages.ingest import ingest
 
     cfg = _load(args.config)
     if not (Path(cfg.data.path) / MANIFEST_NAME).is_file():
         ingest(cfg.data.source, cfg.data.path, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed)
     _init_ray()
     with tracking.run(cfg.tracking, "pretrain", {tracking.STAGE_TAG: "pretrain-only"}, params=cfg.to_dict()) as run_id:
-        record = run_pretrain(cfg, run_id, f"pretrain-{run_id}")
-    print(f"pretrain finished: run {run_id}; encoder {record.get('encoder_uri')}; metrics {record['metrics']}")
+        record = pretrain.run(cfg, run_id, {})
+    print(f"pretrain finished: run {run_id}; encoder {record.encoder_uri}; metrics {record.metrics}")
     print("open the UI with: " + UI_HINT.format(uri=cfg.tracking.uri))
     return 0
 

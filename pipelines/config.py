@@ -1,32 +1,39 @@
-"""The one typed pipeline config: YAML -> frozen dataclasses, validated before anything starts.
+"""The one typed pipeline config: YAML -> frozen dataclasses, parsed, resolved and validated once, at load.
 
-Every section is a dataclass whose bounded fields declare their valid range (``ssl_core.hparams``). Errors name
-the key path (``pretrain.lr``, ``method.config.temperature``) and what is allowed. Relative paths are resolved
-against the working directory at load time, so Ray workers in other directories see absolute paths.
+Every section is a frozen dataclass whose bounded fields declare their valid range and which checks itself when
+built (``ssl_core.hparams.Validated``); the method's config stays its typed ``Config``. Errors name the key path
+(``pretrain.lr``, ``method.config.temperature``) and what is allowed. Loading also resolves what depends on
+where it runs: relative paths against the working directory, ``$SSLFLOW_STORAGE_PATH``, the tracking URI.
+
+Across a process boundary the config travels as ``to_dict()`` and is rebuilt once with ``from_dict`` (types
+only: nothing is re-resolved). ``with_overlay`` applies a Ray Tune overlay as a typed, re-validated replace.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 from ssl_core.backbones import BACKBONES
-from ssl_core.hparams import bounded, config_from_dict
-from ssl_core.methods import METHODS, method_config
+from ssl_core.hparams import FieldValueError, Validated, bounded, config_from_dict, replace_config
+from ssl_core.methods import METHODS, MethodConfig, check_finetune_head_layers, method_config
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
 STORAGE_PATH_ENV = "SSLFLOW_STORAGE_PATH"
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
-class TrackingConfig:
+class TrackingConfig(Validated):
     """MLflow store. ``uri`` None -> $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db + <cwd>/mlartifacts."""
 
     uri: str | None = None
@@ -35,7 +42,7 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(Validated):
     """Where the Parquet dataset comes from (``source``) and lives (``path``), and the training image size."""
 
     source: str = "builtin:digits"
@@ -47,12 +54,18 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class MethodSection:
+    """The method's registered name and its typed, validated ``Config``."""
+
     name: str = "simclr"
-    config: dict[str, Any] = field(default_factory=dict)
+    config: MethodConfig = field(default_factory=MethodConfig)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> MethodSection:
+        return cls(values["name"], METHODS.get(values["name"]).Config(**values["config"]))
 
 
 @dataclass(frozen=True)
-class ScalingSection:
+class ScalingSection(Validated):
     """Ray Train workers. On small CPU machines keep ``cpus_per_worker`` below 1 so Ray Data readers get a CPU.
 
     ``storage_path`` (Ray Train checkpoints): the config's value, else ``$SSLFLOW_STORAGE_PATH``, else
@@ -68,9 +81,17 @@ class ScalingSection:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each worker also requests (e.g. ``{accelerator_type:A10G: 0.01}`` or a per-node slot)."""
 
+    def check(self) -> None:
+        for resource, amount in self.resources_per_worker.items():
+            if resource in ("CPU", "GPU") or not isinstance(amount, (int, float)) or isinstance(amount, bool) \
+                    or amount < 0:
+                raise FieldValueError(f"resources_per_worker.{resource}", amount,
+                                      "is not allowed: give custom resources as non-negative numbers "
+                                      "(CPU and GPU come from cpus_per_worker / gpus_per_worker)")
+
 
 @dataclass(frozen=True)
-class PretrainSection:
+class PretrainSection(Validated):
     epochs: int = bounded(100, 1, 100000)
     batch_size: int = bounded(256, 2, 65536)
     optimizer: str = bounded("lars", choices=("lars", "adamw", "sgd"))
@@ -93,7 +114,7 @@ class PretrainSection:
 
 
 @dataclass(frozen=True)
-class TuneSection:
+class TuneSection(Validated):
     """The optional Ray Tune search before ``pretrain`` (on with ``enabled``); its best overlay feeds pretrain.
 
     ``space`` names a module with ``METRIC``, ``MODE`` and ``space(train_rows)`` (default ``tune_spaces.<method>``);
@@ -121,9 +142,13 @@ class TuneSection:
     seed: int = 0
     inject_failure_trial: int | None = None
 
+    def check(self) -> None:
+        if self.enabled and self.scheduler == "asha" and self.grace_period > self.epochs:
+            raise FieldValueError("grace_period", self.grace_period, f"exceeds tune.epochs={self.epochs}")
+
 
 @dataclass(frozen=True)
-class EvaluateSection:
+class EvaluateSection(Validated):
     knn_k: int = bounded(20, 1, 1000)
     knn_temperature: float = bounded(0.07, 0.001, 10.0)
     linear_probe_epochs: int = bounded(100, 1, 10000)
@@ -131,7 +156,7 @@ class EvaluateSection:
 
 
 @dataclass(frozen=True)
-class FinetuneSection:
+class FinetuneSection(Validated):
     label_fraction: float = bounded(0.1, 0.0001, 1.0)
     epochs: int = bounded(30, 1, 10000)
     batch_size: int = bounded(128, 2, 65536)
@@ -141,7 +166,7 @@ class FinetuneSection:
 
 
 @dataclass(frozen=True)
-class DistillSection:
+class DistillSection(Validated):
     student_backbone: str = "resnet18"
     epochs: int = bounded(30, 1, 10000)
     batch_size: int = bounded(128, 2, 65536)
@@ -150,25 +175,16 @@ class DistillSection:
     temperature: float = bounded(1.0, 0.01, 100.0)
     labeled_loss_weight: float = bounded(0.0, 0.0, 1.0)
 
+    def check(self) -> None:
+        if self.student_backbone not in BACKBONES:
+            raise FieldValueError("student_backbone", self.student_backbone,
+                                  f"is unknown; known: {', '.join(BACKBONES.names())}")
+
 
 @dataclass(frozen=True)
-class RegistrySection:
+class RegistrySection(Validated):
     model_name: str = "sslflow-student"
     promote_margin: float = bounded(0.0, 0.0, 1.0)
-
-
-SECTIONS: dict[str, type] = {
-    "tracking": TrackingConfig,
-    "data": DataConfig,
-    "method": MethodSection,
-    "scaling": ScalingSection,
-    "tune": TuneSection,
-    "pretrain": PretrainSection,
-    "evaluate": EvaluateSection,
-    "finetune": FinetuneSection,
-    "distill": DistillSection,
-    "registry": RegistrySection,
-}
 
 
 @dataclass(frozen=True)
@@ -186,7 +202,60 @@ class PipelineConfig:
     registry: RegistrySection
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain nested values (the method's config as a mapping): MLflow params, fingerprints, Ray boundaries."""
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PipelineConfig:
+        """Rebuild a config from ``to_dict()`` (nothing is re-resolved)."""
+        return from_dict(cls, values)
+
+    def with_overlay(self, overlay: Mapping[str, Mapping[str, Any]]) -> PipelineConfig:
+        """A copy with ``{section: {field: value}}`` replaced (``{"method": {"config": {...}}}`` for the method's
+        fields), each changed section re-validated; errors name ``section.field``."""
+        changes: dict[str, Any] = {}
+        for section, values in overlay.items():
+            if section not in SECTIONS:
+                raise ValueError(f"unknown key {section!r} in an overlay; allowed: {', '.join(SECTIONS)}")
+            current = getattr(self, section)
+            if section == "method":
+                unknown = set(values) - {"config"}
+                if unknown:
+                    raise ValueError(f"an overlay may change method.config only, not method.{sorted(unknown)[0]}")
+                changes[section] = dataclasses.replace(
+                    current, config=replace_config(current.config, values.get("config", {}), "method.config"))
+            else:
+                changes[section] = replace_config(current, values, section)
+        return dataclasses.replace(self, **changes)
+
+
+SECTIONS: dict[str, type] = {
+    "tracking": TrackingConfig,
+    "data": DataConfig,
+    "method": MethodSection,
+    "scaling": ScalingSection,
+    "tune": TuneSection,
+    "pretrain": PretrainSection,
+    "evaluate": EvaluateSection,
+    "finetune": FinetuneSection,
+    "distill": DistillSection,
+    "registry": RegistrySection,
+}
+
+
+def from_dict(cls: type[T], values: Mapping[str, Any]) -> T:
+    """Rebuild the frozen dataclass ``cls`` from its ``dataclasses.asdict`` form: fields typed as dataclasses are
+    rebuilt recursively (through their own ``from_dict`` when they have one, as ``MethodSection`` does)."""
+    hints = typing.get_type_hints(cls)
+    rebuilt: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        value, hint = values[f.name], hints[f.name]
+        if hasattr(hint, "from_dict"):
+            value = hint.from_dict(value)
+        elif dataclasses.is_dataclass(hint):
+            value = from_dict(hint, value)
+        rebuilt[f.name] = value
+    return cls(**rebuilt)
 
 
 def _resolve_path(path: str, base: Path) -> str:
@@ -209,55 +278,48 @@ def resolve_tracking(tracking: TrackingConfig, base: Path) -> TrackingConfig:
     return dataclasses.replace(tracking, uri=uri, artifact_location=artifact_location)
 
 
+def _method_section(raw: Mapping[str, Any], image_size: int) -> MethodSection:
+    """The method's name and typed Config; its ``image_size`` is the data's."""
+    name = raw.get("name", MethodSection.name)
+    unknown = sorted(set(raw) - {"name", "config"})
+    if unknown:
+        raise ValueError(f"unknown key method.{unknown[0]}; allowed: name, config")
+    if name not in METHODS:
+        raise ValueError(f"method.name={name!r} is unknown; known: {', '.join(METHODS.names())}")
+    values = raw.get("config") or {}
+    if not isinstance(values, Mapping):
+        raise ValueError(f"method.config must be a mapping, got {type(values).__name__}")
+    return MethodSection(name, method_config(name, {**values, "image_size": image_size}, "method.config"))
+
+
 def config_from_mapping(values: Mapping[str, Any], base: Path | None = None) -> PipelineConfig:
-    """Validate a nested mapping into a ``PipelineConfig``; raise ``ValueError`` naming the bad key path."""
+    """Validate a nested mapping into a ``PipelineConfig``; raise ``ValueError`` naming the bad key path.
+    Relative paths are resolved against ``base`` (default: the working directory)."""
     base = base or Path.cwd()
     if not isinstance(values, Mapping):
         raise ValueError(f"the config must be a mapping of sections, got {type(values).__name__}")
     unknown = sorted(set(values) - set(SECTIONS) - {"name"})
     if unknown:
         raise ValueError(f"unknown key {unknown[0]!r}; allowed: name, {', '.join(SECTIONS)}")
+    raw = {key: values.get(key) or {} for key in SECTIONS}
+    for key, section in raw.items():
+        if not isinstance(section, Mapping):
+            raise ValueError(f"{key} must be a mapping, got {type(section).__name__}")
     sections: dict[str, Any] = {}
     for key, cls in SECTIONS.items():
-        raw = values.get(key) or {}
-        if not isinstance(raw, Mapping):
-            raise ValueError(f"{key} must be a mapping, got {type(raw).__name__}")
-        try:
-            sections[key] = config_from_dict(cls, raw, path=key)
-        except TypeError as error:
-            raise ValueError(f"{key}: {error}") from None
-    method: MethodSection = sections["method"]
-    if method.name not in METHODS:
-        raise ValueError(f"method.name={method.name!r} is unknown; known: {', '.join(METHODS.names())}")
-    resolved_method = method_config(method.name, method.config, path="method.config")
-    if resolved_method.backbone not in BACKBONES:
-        raise ValueError(f"method.config.backbone={resolved_method.backbone!r} is unknown; known: {', '.join(BACKBONES.names())}")
-    if sections["distill"].student_backbone not in BACKBONES:
-        raise ValueError(
-            f"distill.student_backbone={sections['distill'].student_backbone!r} is unknown; "
-            f"known: {', '.join(BACKBONES.names())}"
-        )
-    head_layers = sections["finetune"].head_layers
-    available = getattr(resolved_method, "projection_layers", None)
-    if head_layers > 0 and not hasattr(resolved_method, "projection_dim"):
-        raise ValueError(
-            f"finetune.head_layers={head_layers} needs a projection head, but method {method.name!r} has none; "
-            "set finetune.head_layers to 0"
-        )
-    if available is not None and head_layers > available:
-        raise ValueError(f"finetune.head_layers={head_layers} exceeds method.config.projection_layers={available}")
-    method_values = dataclasses.asdict(resolved_method)
-    method_values["image_size"] = sections["data"].image_size
-    sections["method"] = MethodSection(method.name, method_config(method.name, method_values, "method.config").__dict__)
+        if key != "method":
+            try:
+                sections[key] = config_from_dict(cls, raw[key], path=key)
+            except TypeError as error:
+                raise ValueError(f"{key}: {error}") from None
+    sections["method"] = _method_section(raw["method"], sections["data"].image_size)
+    try:
+        check_finetune_head_layers(sections["method"].name, sections["method"].config, sections["finetune"].head_layers)
+    except FieldValueError as error:
+        raise error.at("finetune") from None
     sections["data"] = dataclasses.replace(sections["data"], path=_resolve_path(sections["data"].path, base))
-    for resource, amount in sections["scaling"].resources_per_worker.items():
-        if resource in ("CPU", "GPU") or not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount < 0:
-            raise ValueError(
-                f"scaling.resources_per_worker.{resource}={amount!r}: give custom resources as non-negative numbers "
-                "(CPU and GPU come from cpus_per_worker / gpus_per_worker)"
-            )
     storage_path = sections["scaling"].storage_path
-    if "storage_path" not in (values.get("scaling") or {}) and os.environ.get(STORAGE_PATH_ENV):
+    if "storage_path" not in raw["scaling"] and os.environ.get(STORAGE_PATH_ENV):
         storage_path = os.environ[STORAGE_PATH_ENV]  # a cluster's shared checkpoint store (e.g. s3://bucket/runs)
     sections["scaling"] = dataclasses.replace(sections["scaling"], storage_path=_resolve_path(storage_path, base))
     sections["tracking"] = resolve_tracking(sections["tracking"], base)
@@ -266,10 +328,39 @@ def config_from_mapping(values: Mapping[str, Any], base: Path | None = None) -> 
         raise ValueError("name must be a non-empty string")
     config = PipelineConfig(name=name, **sections)
     if config.tune.enabled:
-        from pipelines.stages.tune import check_tune_section
-
-        check_tune_section(config)
+        _check_search(config)
     return config
+
+
+def search_space(cfg: PipelineConfig, train_rows: int) -> tuple[dict[str, Any], str, str]:
+    """``(param_space, metric, mode)`` of the tune section: the overlay ``{"method": {"config": ...},
+    "pretrain": ...}`` of Ray Tune domains, validated against the method's and the pretrain section's ranges."""
+    from tune_spaces import method_search_space, shared_search_space, validate_fields
+
+    t = cfg.tune
+    method_dims, metric, mode = method_search_space(cfg.method.name, train_rows, t.space, t.bounds)
+    shared_dims = shared_search_space(cfg.pretrain.lr, cfg.pretrain.weight_decay, t.search_lr,
+                                      t.search_weight_decay, t.bounds)
+    validate_fields(PretrainSection, shared_dims, "tune space", "pretrain.")
+    if not method_dims and not shared_dims:
+        raise ValueError(f"tune: the space for method {cfg.method.name!r} searches nothing; "
+                         "set tune.search_lr / tune.search_weight_decay or add tune.bounds")
+    param_space: dict[str, Any] = {}
+    if method_dims:
+        param_space["method"] = {"config": method_dims}
+    if shared_dims:
+        param_space["pretrain"] = shared_dims
+    return param_space, metric, mode
+
+
+def _check_search(cfg: PipelineConfig) -> None:
+    """An enabled search must be able to run: its space (any dataset size), and Optuna when asked for."""
+    search_space(cfg, train_rows=1 << 20)
+    if cfg.tune.searcher == "optuna":
+        import importlib.util
+
+        if importlib.util.find_spec("optuna") is None:
+            raise ValueError("tune.searcher=optuna needs optuna: pip install -e '.[optuna]'")
 
 
 def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> PipelineConfig:
@@ -298,3 +389,11 @@ def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str,
         else:
             merged[key] = value
     return merged
+
+
+def config_value(values: Mapping[str, Any], key: str) -> Any:
+    """The value at a dotted ``key`` (``"scaling.use_gpu"``) of a nested mapping."""
+    for part in key.split("."):
+        values = values[part]
+    return values
+

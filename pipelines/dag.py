@@ -3,12 +3,14 @@
     ingest -> (tune) -> pretrain -> evaluate
                                  -> finetune -> distill -> register -> promote
 
-``tune`` runs only when ``tune.enabled``; its record's ``config_overlay`` (the best hyperparameters found) is
-merged into the config of the stages that consume it (``pretrain``).
+A stage is the function ``run(cfg, run_id, inputs) -> <its record>`` of ``pipelines.stages.<name>``, where
+``inputs`` maps each upstream stage to its record (``pipelines.records``). ``tune`` runs only when
+``tune.enabled``; its record's ``config_overlay`` (the best hyperparameters found) is applied to the config of
+the stages that consume it (``pretrain``).
 
 Each stage is one ``@ray.remote`` call that receives its upstream stages' records (ObjectRefs, resolved by Ray),
-so independent stages (``evaluate`` beside ``finetune``) run in parallel. A stage's record is small: its MLflow
-run id, artifact/model URIs and metrics, never a model in memory.
+so independent stages (``evaluate`` beside ``finetune``) run in parallel. The config crosses into the task as
+``to_dict()`` and is rebuilt there once.
 
 Fingerprint of a stage = sha256(stage name, the config sections it reads, its upstream stages' fingerprints,
 the dataset content hash). A FINISHED MLflow run of the same stage with the same fingerprint is reused (its
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,101 +30,63 @@ from pathlib import Path
 from typing import Any
 
 from pipelines import tracking
-from pipelines.config import PipelineConfig, config_from_mapping, deep_merge
-
-StageFn = Callable[[PipelineConfig, str, dict[str, dict[str, Any]], dict[str, str]], dict[str, Any]]
-
-
-def _ingest(cfg, run_id, upstream, context):
-    from pipelines.stages.ingest import ingest_stage
-
-    return ingest_stage(cfg, run_id, upstream)
-
-
-def _tune(cfg, run_id, upstream, context):
-    from pipelines.stages.tune import run_tune
-
-    return run_tune(cfg, run_id)
-
-
-def _pretrain(cfg, run_id, upstream, context):
-    from pipelines.stages.pretrain import run_pretrain
-
-    return run_pretrain(cfg, run_id, f"pretrain-{run_id}")
-
-
-def _evaluate(cfg, run_id, upstream, context):
-    from pipelines.stages.evaluate import evaluate_stage
-
-    return evaluate_stage(cfg, run_id, upstream)
-
-
-def _finetune(cfg, run_id, upstream, context):
-    from pipelines.stages.finetune import run_finetune
-
-    return run_finetune(cfg, run_id, f"finetune-{run_id}", upstream["pretrain"])
-
-
-def _distill(cfg, run_id, upstream, context):
-    from pipelines.stages.distill import run_distill
-
-    return run_distill(cfg, run_id, f"distill-{run_id}", upstream["finetune"])
-
-
-def _register(cfg, run_id, upstream, context):
-    from pipelines.stages.register import register_stage
-
-    return register_stage(cfg, run_id, upstream, context)
-
-
-def _promote(cfg, run_id, upstream, context):
-    from pipelines.stages.promote import promote_stage
-
-    return promote_stage(cfg, run_id, upstream)
+from pipelines.config import PipelineConfig, config_value
+from pipelines.datasets import MANIFEST_NAME, read_manifest
+from pipelines.records import (
+    ClassifierRecord,
+    EvaluateRecord,
+    IngestRecord,
+    PretrainRecord,
+    PromoteRecord,
+    RegisterRecord,
+    StageRecord,
+    TuneRecord,
+)
 
 
 @dataclass(frozen=True)
 class Stage:
-    """A node: its upstream stages, the config keys its fingerprint covers, its function and Ray resources.
+    """A node: its upstream stages, the config keys its fingerprint covers, its record type and Ray resources.
     ``enabled_by`` names a boolean config key that switches an optional stage (and the edges into it) on."""
 
     name: str
     upstream: tuple[str, ...]
     config_keys: tuple[str, ...]
-    run: StageFn
+    record: type[StageRecord]
     num_cpus: float = 0.0
     reusable: bool = True
     enabled_by: str | None = None
+
+    def run(self, cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> StageRecord:
+        """``pipelines.stages.<name>.run``, imported when the stage runs (the driver never loads torch for it)."""
+        return importlib.import_module(f"pipelines.stages.{self.name}").run(cfg, run_id, inputs)
 
 
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
-        Stage("ingest", (), ("data",), _ingest, num_cpus=0.5),
-        Stage("tune", ("ingest",), ("tune", "method", "pretrain", "scaling.use_gpu"), _tune, enabled_by="tune.enabled"),
+        Stage("ingest", (), ("data",), IngestRecord, num_cpus=0.5),
+        Stage("tune", ("ingest",), ("tune", "method", "pretrain", "scaling.use_gpu"), TuneRecord,
+              enabled_by="tune.enabled"),
         Stage("pretrain", ("ingest", "tune"), ("method", "pretrain", "scaling.num_workers", "scaling.use_gpu"),
-              _pretrain),
-        Stage("evaluate", ("ingest", "pretrain"), ("evaluate",), _evaluate, num_cpus=0.5),
-        Stage("finetune", ("ingest", "pretrain"), ("finetune", "scaling.num_workers", "scaling.use_gpu"), _finetune),
-        Stage("distill", ("ingest", "finetune"), ("distill", "scaling.num_workers", "scaling.use_gpu"), _distill),
-        Stage("register", ("finetune", "distill"), ("registry",), _register),
-        Stage("promote", ("register",), ("registry",), _promote, reusable=False),
+              PretrainRecord),
+        Stage("evaluate", ("ingest", "pretrain"), ("evaluate",), EvaluateRecord, num_cpus=0.5),
+        Stage("finetune", ("ingest", "pretrain"), ("finetune", "scaling.num_workers", "scaling.use_gpu"),
+              ClassifierRecord),
+        Stage("distill", ("ingest", "finetune"), ("distill", "scaling.num_workers", "scaling.use_gpu"),
+              ClassifierRecord),
+        Stage("register", ("ingest", "finetune", "distill"), ("registry",), RegisterRecord),
+        Stage("promote", ("register",), ("registry",), PromoteRecord, reusable=False),
     )
 }
 """The whole graph, in topological order; ``stages_for`` gives the part a config runs."""
-
-
-def _config_value(values: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        values = values[part]
-    return values
 
 
 def stages_for(cfg: PipelineConfig, until: str | None = None) -> dict[str, Stage]:
     """The graph ``cfg`` runs: optional stages whose switch is off are dropped with the edges into them; with
     ``until``, only that stage and what it depends on."""
     config = cfg.to_dict()
-    off = {stage.name for stage in STAGES.values() if stage.enabled_by and not _config_value(config, stage.enabled_by)}
+    off = {stage.name for stage in STAGES.values() if stage.enabled_by and not config_value(config, stage.enabled_by)}
     graph = {
         stage.name: dataclasses.replace(stage, upstream=tuple(up for up in stage.upstream if up not in off))
         for stage in STAGES.values() if stage.name not in off
@@ -150,7 +115,7 @@ def downstream_of(names: Iterable[str], graph: dict[str, Stage] = STAGES) -> set
 def fingerprint(stage: Stage, config: dict[str, Any], upstream: dict[str, str], dataset_hash: str | None) -> str:
     payload = {
         "stage": stage.name,
-        "config": {key: _config_value(config, key) for key in stage.config_keys},
+        "config": {key: config_value(config, key) for key in stage.config_keys},
         "upstream": upstream,
         "dataset": dataset_hash if stage.name != "ingest" else None,
     }
@@ -161,28 +126,26 @@ def fingerprint(stage: Stage, config: dict[str, Any], upstream: dict[str, str], 
 class StagePlan:
     name: str
     fingerprint: str | None
-    reused: dict[str, Any] | None
+    reused: StageRecord | None
     reason: str
 
 
 @dataclass
 class PipelineResult:
     run_id: str | None
-    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    records: dict[str, StageRecord] = field(default_factory=dict)
     plan: list[StagePlan] = field(default_factory=list)
 
 
 def _known_dataset_hash(cfg: PipelineConfig) -> str | None:
-    from pipelines.stages.ingest import MANIFEST_NAME, read_manifest
-
     if not (Path(cfg.data.path) / MANIFEST_NAME).is_file():
         return None
     return read_manifest(cfg.data.path)["content_hash"]
 
 
 def plan(cfg: PipelineConfig, dataset_hash: str | None, force: Iterable[str] = (),
-         ingest_record: dict[str, Any] | None = None, until: str | None = None) -> list[StagePlan]:
-    """For each stage in order: its fingerprint, the FINISHED run it would reuse (or None), and why."""
+         ingest_record: IngestRecord | None = None, until: str | None = None) -> list[StagePlan]:
+    """For each stage in order: its fingerprint, the FINISHED run's record it would reuse (or None), and why."""
     graph = stages_for(cfg, until)
     unknown = set(force) - set(graph)
     if unknown:
@@ -204,41 +167,39 @@ def plan(cfg: PipelineConfig, dataset_hash: str | None, force: Iterable[str] = (
         elif not stage.reusable:
             plans.append(StagePlan(stage.name, fp, None, "run: always runs (depends on the registry's state)"))
         elif stage.name == "ingest" and ingest_record is not None:
-            plans.append(StagePlan(stage.name, fp, ingest_record, f"reuse run {ingest_record['run_id']}"))
+            plans.append(StagePlan(stage.name, fp, ingest_record, f"reuse run {ingest_record.run_id}"))
         else:
             found = tracking.find_finished_stage(cfg.tracking, stage.name, fp)
-            if found is not None and stage.name == "ingest" and found["content_hash"] != _known_dataset_hash(cfg):
+            record = None if found is None else stage.record.from_dict(found)
+            if isinstance(record, IngestRecord) and record.content_hash != _known_dataset_hash(cfg):
                 plans.append(StagePlan(stage.name, fp, None, f"run: the dataset at {cfg.data.path} is missing or changed"))
-            elif found is None:
+            elif record is None:
                 plans.append(StagePlan(stage.name, fp, None, "run: no FINISHED run with this fingerprint"))
             else:
-                plans.append(StagePlan(stage.name, fp, found, f"reuse run {found['run_id']}"))
+                plans.append(StagePlan(stage.name, fp, record, f"reuse run {record.run_id}"))
     return plans
 
 
-def execute_stage(
-    stage_name: str, config: dict[str, Any], fingerprint_value: str, context: dict[str, str], *upstream_records
-) -> dict[str, Any]:
-    """Run one stage in its own nested MLflow run; returns its record (with ``run_id`` and ``fingerprint``).
-    An upstream record's ``config_overlay`` (tune's best hyperparameters) is merged into this stage's config."""
-    cfg = config_from_mapping(config)
+def execute_stage(stage_name: str, config: dict[str, Any], fingerprint_value: str, pipeline_run_id: str,
+                  *upstream_records: StageRecord) -> StageRecord:
+    """Run one stage in its own MLflow run nested under the pipeline's; returns its record with ``run_id`` and
+    ``fingerprint``. An upstream ``TuneRecord``'s overlay is applied to this stage's config."""
+    cfg = PipelineConfig.from_dict(config)
     stage = stages_for(cfg)[stage_name]
-    upstream = dict(zip(stage.upstream, upstream_records))
-    overlays = [record["config_overlay"] for record in upstream.values() if record.get("config_overlay")]
-    for overlay in overlays:
-        config = deep_merge(config, overlay)
-    if overlays:
-        cfg = config_from_mapping(config)
+    inputs = dict(zip(stage.upstream, upstream_records))
+    for record in inputs.values():
+        if isinstance(record, TuneRecord):
+            cfg = cfg.with_overlay(record.config_overlay)
     tags = {
         tracking.STAGE_TAG: stage_name,
         tracking.FINGERPRINT_TAG: fingerprint_value,
-        tracking.UPSTREAM_TAG: json.dumps({name: record["run_id"] for name, record in upstream.items()}),
+        tracking.UPSTREAM_TAG: json.dumps({name: record.run_id for name, record in inputs.items()}),
         tracking.PIPELINE_TAG: cfg.name,
     }
-    params = {key: _config_value(config, key) for key in stage.config_keys}
-    with tracking.run(cfg.tracking, stage_name, tags, context["pipeline_run_id"], params) as run_id:
-        record = {**stage.run(cfg, run_id, upstream, context), "run_id": run_id, "fingerprint": fingerprint_value}
-        tracking.set_tags(cfg.tracking, run_id, {tracking.RECORD_TAG: json.dumps(record, default=str)})
+    params = {key: config_value(cfg.to_dict(), key) for key in stage.config_keys}
+    with tracking.run(cfg.tracking, stage_name, tags, pipeline_run_id, params) as run_id:
+        record = dataclasses.replace(stage.run(cfg, run_id, inputs), run_id=run_id, fingerprint=fingerprint_value)
+        tracking.set_tags(cfg.tracking, run_id, {tracking.RECORD_TAG: record.to_json()})
     return record
 
 
@@ -259,7 +220,6 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: boo
     parent = tracking.start_run(cfg.tracking, cfg.name, tags={tracking.PIPELINE_TAG: cfg.name,
                                                              tracking.STAGE_TAG: "pipeline"})
     tracking.log_params(cfg.tracking, parent, config)
-    context = {"pipeline_run_id": parent}
     echo(f"pipeline {cfg.name}: MLflow run {parent} ({cfg.tracking.uri})")
     try:
         # Ingest first: every other fingerprint includes the content hash of the dataset it produces.
@@ -269,21 +229,20 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: boo
         else:
             ingest_record = ray.get(
                 remote_stage.options(num_cpus=STAGES["ingest"].num_cpus, name="sslflow-ingest").remote(
-                    "ingest", config, ingest_plan.fingerprint, context
+                    "ingest", config, ingest_plan.fingerprint, parent
                 )
             )
-        context["dataset_hash"] = ingest_record["content_hash"]
-        plans = [ingest_plan, *plan(cfg, ingest_record["content_hash"], force, ingest_record, until)[1:]]
+        plans = [ingest_plan, *plan(cfg, ingest_record.content_hash, force, ingest_record, until)[1:]]
         graph = stages_for(cfg, until)
         refs: dict[str, Any] = {"ingest": ingest_record}
         for stage_plan in plans:
             stage = graph[stage_plan.name]
             if stage_plan.reused is not None:
                 refs[stage.name] = stage_plan.reused
-                tracking.set_tags(cfg.tracking, parent, {f"sslflow.reused.{stage.name}": stage_plan.reused["run_id"]})
+                tracking.set_tags(cfg.tracking, parent, {tracking.reused_tag(stage.name): stage_plan.reused.run_id})
             elif stage.name != "ingest":
                 refs[stage.name] = remote_stage.options(num_cpus=stage.num_cpus, name=f"sslflow-{stage.name}").remote(
-                    stage.name, config, stage_plan.fingerprint, context, *(refs[up] for up in stage.upstream)
+                    stage.name, config, stage_plan.fingerprint, parent, *(refs[up] for up in stage.upstream)
                 )
             echo(f"  {stage.name:<9} {stage_plan.reason}")
         names = list(refs)
@@ -300,14 +259,14 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: boo
     return PipelineResult(parent, records, plans)
 
 
-def summary_metrics(records: dict[str, dict[str, Any]]) -> dict[str, float]:
+def summary_metrics(records: dict[str, StageRecord]) -> dict[str, float]:
     """The headline numbers of a finished pipeline, flat, for the parent run and the terminal table."""
-    evaluate = records["evaluate"]["metrics"]
+    evaluate = records["evaluate"].metrics
     return {
         "knn_top1_random": evaluate["knn_top1_random"],
         "knn_top1_ssl": evaluate["knn_top1_ssl"],
         "linear_top1_random": evaluate["linear_top1_random"],
         "linear_top1_ssl": evaluate["linear_top1_ssl"],
-        "teacher_test_top1": records["finetune"]["metrics"]["test_top1"],
-        "student_test_top1": records["distill"]["metrics"]["test_top1"],
+        "teacher_test_top1": records["finetune"].metrics["test_top1"],
+        "student_test_top1": records["distill"].metrics["test_top1"],
     }

@@ -11,6 +11,11 @@ from ray.train.torch import TorchTrainer
 from pipelines.config import ScalingSection
 
 
+def train_run_name(stage: str, run_id: str) -> str:
+    """The Ray Train run name of a stage's MLflow run: its checkpoints live under ``storage_path/<name>``."""
+    return f"{stage}-{run_id}"
+
+
 def scaling_config(scaling: ScalingSection) -> ScalingConfig:
     resources: dict[str, float] = {**scaling.resources_per_worker, "CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:

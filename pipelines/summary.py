@@ -10,6 +10,7 @@ from pathlib import Path
 from pipelines import tracking
 from pipelines.config import PipelineConfig
 from pipelines.dag import STAGES, PipelineResult, summary_metrics
+from pipelines.records import TuneRecord
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
@@ -28,8 +29,8 @@ def summary_table(cfg: PipelineConfig, result: PipelineResult, seconds: float) -
         ("linear probe top-1, random / SSL", f"{metrics['linear_top1_random']:.4f} / {metrics['linear_top1_ssl']:.4f}"),
         (f"fine-tuned teacher ({cfg.finetune.label_fraction:.0%} labels)", f"{metrics['teacher_test_top1']:.4f}"),
         (f"distilled student ({cfg.distill.student_backbone})", f"{metrics['student_test_top1']:.4f}"),
-        ("registered version", f"{register['model_name']}/{register['version']} (alias challenger)"),
-        ("champion", f"{'yes, promoted' if promote['promoted'] else 'no'}: {promote['reason']}"),
+        ("registered version", f"{register.model_name}/{register.version} (alias challenger)"),
+        ("champion", f"{'yes, promoted' if promote.promoted else 'no'}: {promote.reason}"),
         ("stages reused", ", ".join(reused) or "none"),
         ("pipeline run", f"{result.run_id}  ({seconds:.0f} s)"),
     ]
@@ -51,7 +52,8 @@ def list_pipelines(cfg: PipelineConfig, limit: int = 10) -> str:
         children = {run.data.tags[tracking.STAGE_TAG]: run for run in tracking.search_runs(
             cfg.tracking, f"tags.`{tracking.PARENT_TAG}` = '{info.run_id}'")}
         for stage in STAGES:
-            if stage not in children and f"sslflow.reused.{stage}" not in tags and STAGES[stage].enabled_by:
+            reused = tags.get(tracking.reused_tag(stage))
+            if stage not in children and reused is None and STAGES[stage].enabled_by:
                 continue  # an optional stage this pipeline did not switch on
             if stage in children:
                 run = children[stage]
@@ -59,20 +61,20 @@ def list_pipelines(cfg: PipelineConfig, limit: int = 10) -> str:
                 key_metrics = {k: v for k, v in record.get("metrics", {}).items() if isinstance(v, float)}
                 shown = "  ".join(f"{k}={v:.4f}" for k, v in list(key_metrics.items())[:4])
                 lines.append(f"    {stage:<9} {run.info.status:<9} {run.info.run_id}  {shown}")
-            elif f"sslflow.reused.{stage}" in tags:
-                lines.append(f"    {stage:<9} {'REUSED':<9} {tags[f'sslflow.reused.{stage}']}")
+            elif reused is not None:
+                lines.append(f"    {stage:<9} {'REUSED':<9} {reused}")
             else:
                 lines.append(f"    {stage:<9} {'-':<9}")
     return "\n".join(lines)
 
 
-def trials_table(cfg: PipelineConfig, tune_record: dict) -> str:
+def trials_table(cfg: PipelineConfig, tune_record: TuneRecord) -> str:
     """The tune stage's trials, best first (its ``tune_results.csv`` artifact), and the chosen overlay."""
     with tempfile.TemporaryDirectory() as directory:
-        path = tracking.download_artifact(cfg.tracking, tune_record["results_uri"], directory)
+        path = tracking.download_artifact(cfg.tracking, tune_record.results_uri, directory)
         with Path(path).open(newline="") as handle:
             rows = list(csv.DictReader(handle))
-    metric = tune_record["metric"]
+    metric = tune_record.metric
     columns = [name for name in rows[0] if name not in ("trial_id", "run_id", "error")] + ["error"] if rows else []
 
     def cell(name: str, value: str) -> str:
@@ -85,10 +87,10 @@ def trials_table(cfg: PipelineConfig, tune_record: dict) -> str:
     table += [[cell(name, row[name]) for name in columns] for row in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = ["  ".join(value.ljust(width) for value, width in zip(line, widths)).rstrip() for line in table]
-    counts = ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in tune_record["trials"].items())
+    counts = ", ".join(f"{n} {state.replace('_', ' ')}" for state, n in tune_record.trials.items())
     return (
-        f"\nsslflow tune {cfg.name!r}: {len(rows)} trials ({counts}) in {tune_record['search_seconds']:.0f} s, "
-        f"{metric} ({tune_record['mode']}), best first\n" + "\n".join(f"  {line}" for line in lines)
-        + f"\n\nbest: trial {tune_record['best_trial']}  {metric}={tune_record['best_value']:.4f}  "
-        f"overlay {json.dumps(tune_record['config_overlay'])}\n"
+        f"\nsslflow tune {cfg.name!r}: {len(rows)} trials ({counts}) in {tune_record.search_seconds:.0f} s, "
+        f"{metric} ({tune_record.mode}), best first\n" + "\n".join(f"  {line}" for line in lines)
+        + f"\n\nbest: trial {tune_record.best_trial}  {metric}={tune_record.best_value:.4f}  "
+        f"overlay {json.dumps(tune_record.config_overlay)}\n"
     )

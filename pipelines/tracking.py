@@ -16,22 +16,38 @@ from typing import Any
 
 import mlflow
 import torch
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import TrackingConfig
 
 STAGE_TAG = "sslflow.stage"
+"""Which stage a run is (``ingest``, ..., ``pipeline`` for the parent run, ``tune_trial`` for a Tune trial)."""
 FINGERPRINT_TAG = "sslflow.fingerprint"
 UPSTREAM_TAG = "sslflow.upstream"
+"""JSON ``{upstream stage: run id}`` of a stage run."""
 PIPELINE_TAG = "sslflow.pipeline"
-PARENT_TAG = "mlflow.parentRunId"
+RECORD_TAG = "sslflow.record"
+"""JSON of a finished stage's record (``pipelines.records``), read back when the stage is reused."""
+REUSED_TAG_PREFIX = "sslflow.reused."
+"""On a pipeline run: ``sslflow.reused.<stage>`` = the id of the earlier run it reused for that stage."""
+TRIAL_TAG = "sslflow.trial_id"
+TRIAL_STATE_TAG = "sslflow.trial_state"
+TRIAL_ERROR_TAG = "sslflow.trial_error"
+BEST_TRIAL_TAG = "sslflow.best_trial"
+PROMOTION_TAG = "sslflow.promotion"
+"""On a model version: why the promotion gate did or did not move the champion to it."""
 NODE_TAG_PREFIX = "sslflow.node.rank"
+PARENT_TAG = "mlflow.parentRunId"
 
 
 def node_tag(rank: int) -> str:
     """Tag naming the Ray node id a Ray Train worker of ``rank`` ran on (``sslflow.node.rank0``, ...)."""
     return f"{NODE_TAG_PREFIX}{rank}"
+
+
+def reused_tag(stage: str) -> str:
+    return f"{REUSED_TAG_PREFIX}{stage}"
 
 
 def client_for(tracking: TrackingConfig) -> MlflowClient:
@@ -183,17 +199,12 @@ def download_artifact(tracking: TrackingConfig, artifact_uri: str, destination: 
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(destination)))
 
 
-def run_status(tracking: TrackingConfig, run_id: str) -> str:
-    return client_for(tracking).get_run(run_id).info.status
-
-
-def is_finished(status: str) -> bool:
-    return status == RunStatus.to_string(RunStatus.FINISHED)
+def parent_run_id(tracking: TrackingConfig, run_id: str) -> str | None:
+    """The id of the run ``run_id`` is nested under (a stage's pipeline run), or None."""
+    return client_for(tracking).get_run(run_id).data.tags.get(PARENT_TAG)
 
 
 # ----------------------------------------------------------------------------------------- stage reuse (resume)
-
-RECORD_TAG = "sslflow.record"
 
 
 def find_finished_stage(tracking: TrackingConfig, stage: str, fingerprint: str) -> dict[str, Any] | None:

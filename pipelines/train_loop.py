@@ -1,38 +1,44 @@
-"""Worker-side pieces shared by the Ray Train loops (pretrain, finetune, distill): device setup, the optimizer
-and its schedule, checkpoints through ``ray.train``, the non-finite loss guard, and per-epoch RNG seeding.
+"""The one worker loop of every training stage (pretrain, finetune, distill), run on each Ray Train worker.
 
-Ray calls are limited to ``ray.train.get_context``, ``get_checkpoint``, ``report`` and ``torch.prepare_model``.
+``train(model, objective, spec, info, ...)``:
+
+- resume: the latest Ray Train checkpoint of this run restores the model, the optimizer, the epoch and the step
+  (schedules and RNG are functions of the step and the epoch, so the run continues as if never stopped);
+- per epoch: stream this worker's ``"train"`` dataset shard (same number of full batches on every worker), one
+  ``ssl_core.training.TrainStep`` of the stage's ``objective`` per batch, the non-finite loss guard checked every
+  ``check_every_steps``;
+- end of epoch: rank 0 adds the stage's ``epoch_metrics`` (e.g. the kNN monitor), prints one line and logs to
+  MLflow per step ``train_loss``, ``lr`` and the objective's ``StepOutput.logs``, per epoch ``epoch_<metric>``;
+  every worker calls ``ray.train.report`` (a barrier), rank 0 with a checkpoint every ``checkpoint_every`` epochs
+  and after the last.
+
+Ray calls are limited to ``get_context``, ``get_checkpoint``, ``get_dataset_shard``, ``report`` and
+``torch.prepare_model``; MLflow is written by rank 0 only, through ``pipelines.tracking``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import tempfile
-import typing
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import ray.train
 import ray.train.torch
 import torch
 from torch import nn
 
-from ssl_core.optim import LARS, warmup_cosine
+from pipelines import tracking
+from pipelines.config import TrackingConfig
+from ssl_core import optim
+from ssl_core.device import compile_or_eager, uses_channels_last
+from ssl_core.training import BatchPlan, Objective, TrainStep, seed_epoch
 
 CHECKPOINT_FILE = "checkpoint.pt"
-
-Job = TypeVar("Job")
-
-
-def job_from_dict(job_cls: type[Job], values: dict[str, Any]) -> Job:
-    """Rebuild a frozen job dataclass from its ``dataclasses.asdict`` form (the dict that crosses the Ray
-    boundary): fields typed as dataclasses (config sections) are rebuilt from their dicts."""
-    hints = typing.get_type_hints(job_cls)
-    return job_cls(**{
-        name: hints[name](**value) if dataclasses.is_dataclass(hints[name]) else value for name, value in values.items()
-    })
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,10 @@ class WorkerInfo:
     rank: int
     world_size: int
     device: torch.device
+
+    @property
+    def is_chief(self) -> bool:
+        return self.rank == 0
 
 
 def worker_info(cpus_per_worker: float) -> WorkerInfo:
@@ -51,80 +61,35 @@ def worker_info(cpus_per_worker: float) -> WorkerInfo:
     return WorkerInfo(context.get_world_rank(), context.get_world_size(), device)
 
 
-def seed_epoch(seed: int, epoch: int, rank: int) -> torch.Generator:
-    """Seed torch's global RNG and return the augmentation generator for (seed, epoch, rank).
+@dataclass(frozen=True)
+class LoopSpec:
+    """What the loop runs, the same on every worker. The learning rate warms up linearly over ``warmup_steps``
+    to ``lr``, then follows a cosine to ``final_lr`` (``ssl_core.optim.warmup_cosine``)."""
 
-    RNG is a pure function of the epoch, so a run resumed from a checkpoint draws the same augmentations as
-    an uninterrupted one, without saving generator state.
-    """
-    key = (seed * 1_000_003 + epoch) * 4099 + rank
-    torch.manual_seed(key)
-    return torch.Generator().manual_seed(key)
+    stage: str
+    """Names the loop in printed lines (``[pretrain] epoch 1/15 ...``)."""
+    what: str
+    """Names the objective in a non-finite-loss error (``method simclr``)."""
+    epochs: int
+    rows: int
+    """Rows of the dataset the workers' shards split; bounds the shuffle buffer."""
+    batch: BatchPlan
+    seed: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    warmup_steps: int = 0
+    final_lr: float = 0.0
+    grad_clip: float | None = None
+    checkpoint_every: int = 1
+    check_every_steps: int = 50
+    compile: bool = False
+    nan_at_step: int | None = None
+    """Test hook: the batch of this step is made NaN (``pretrain.inject_nan_at_step``)."""
 
-
-def build_optimizer(
-    param_groups: list[dict[str, Any]], name: str, lr: float, weight_decay: float
-) -> torch.optim.Optimizer:
-    """LARS (momentum 0.9), AdamW or SGD (momentum 0.9, Nesterov) over ``param_groups``."""
-    if name == "lars":
-        return LARS(param_groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
-    raise ValueError(f"optimizer={name!r} is not one of lars, adamw, sgd")
-
-
-def scaled_lr(base_lr: float, global_batch_size: int, scaling: str) -> float:
-    """SimCLR's rule: lr = base_lr x batch/256 (``linear``) or x sqrt(batch) / ... (``sqrt``: base x sqrt(batch/256))."""
-    if scaling == "linear":
-        return base_lr * global_batch_size / 256
-    if scaling == "sqrt":
-        return base_lr * math.sqrt(global_batch_size / 256)
-    return base_lr
-
-
-def set_lr(optimizer: torch.optim.Optimizer, step: int, total_steps: int, warmup_steps: int, peak_lr: float,
-           final_lr: float) -> float:
-    lr = warmup_cosine(step, total_steps, warmup_steps, peak_lr, final_lr)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DistributedDataParallel wrapper (or the module itself)."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-class NonFiniteLossError(RuntimeError):
-    """A training loss became NaN or infinite."""
-
-
-class NonFiniteGuard:
-    """Tracks, on the device and without a host sync per step, the first step whose loss was not finite and
-    the last finite loss before it; ``check`` (called at the logging interval) raises ``NonFiniteLossError``.
-    """
-
-    def __init__(self, device: torch.device, what: str) -> None:
-        self.what = what
-        self.first_bad_step = torch.tensor(-1, device=device)
-        self.last_finite_loss = torch.tensor(float("nan"), device=device)
-
-    def update(self, step: int, loss: torch.Tensor) -> None:
-        loss = loss.detach().float()
-        finite = torch.isfinite(loss)
-        clean_so_far = self.first_bad_step < 0
-        self.last_finite_loss = torch.where(finite & clean_so_far, loss, self.last_finite_loss)
-        # A Python scalar, not torch.tensor(step, device=...): that would be a blocking host-to-device copy per step.
-        self.first_bad_step = torch.where(~finite & clean_so_far, step, self.first_bad_step)
-
-    def check(self) -> None:
-        bad_step = int(self.first_bad_step)
-        if bad_step >= 0:
-            raise NonFiniteLossError(
-                f"non-finite loss at step {bad_step} ({self.what}); last finite loss: {float(self.last_finite_loss):.6g}"
-            )
+    @property
+    def total_steps(self) -> int:
+        return self.batch.steps_per_epoch * self.epochs
 
 
 def load_checkpoint_state() -> dict[str, Any] | None:
@@ -144,3 +109,124 @@ def report(metrics: dict[str, float], state: dict[str, Any] | None, rank: int) -
     with tempfile.TemporaryDirectory() as directory:
         torch.save(state, Path(directory) / CHECKPOINT_FILE)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def train(
+    model: nn.Module,
+    objective: Objective,
+    spec: LoopSpec,
+    info: WorkerInfo,
+    *,
+    tracking_config: TrackingConfig,
+    run_id: str | None,
+    param_groups: list[dict[str, Any]] | None = None,
+    after_step: Callable[[int, int], None] | None = None,
+    epoch_metrics: Callable[[int], dict[str, float]] | None = None,
+    before_epoch: Callable[[int], None] | None = None,
+) -> tuple[nn.Module, dict[str, float]]:
+    """Train ``model`` (see the module docstring); returns it and the last epoch's metrics (``epoch``, ``step``,
+    ``loss``, ``images_per_second`` and those of ``epoch_metrics``).
+
+    ``param_groups`` default to ``ssl_core.optim.param_groups(model, spec.weight_decay)``; ``after_step(step,
+    total_steps)`` runs after each optimizer step (EMA teachers, queues); ``epoch_metrics(epoch)`` runs on rank 0
+    after each epoch (1-based); ``before_epoch(epoch)`` (0-based) on every worker before it.
+    """
+    state = load_checkpoint_state()
+    if state is not None:
+        model.load_state_dict(state["model"])
+    if uses_channels_last(info.device):
+        model = model.to(memory_format=torch.channels_last)
+    wrapped = ray.train.torch.prepare_model(model)
+    if spec.compile:
+        wrapped = compile_or_eager(wrapped)
+    groups = param_groups if param_groups is not None else optim.param_groups(model, spec.weight_decay)
+    optimizer = optim.build_optimizer(groups, spec.optimizer, spec.lr, spec.weight_decay)
+    start_epoch, step = 0, 0
+    log = _EpochLog(spec, info, tracking_config, run_id)
+    if state is None:
+        log.plan()
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step = state["epoch"], state["step"]
+        log.resumed(step, start_epoch)
+    lr_at = partial(optim.warmup_cosine, total_steps=spec.total_steps, warmup_steps=spec.warmup_steps,
+                    base_value=spec.lr, final_value=spec.final_lr)
+    train_step = TrainStep(wrapped, objective, optimizer, lr_at, device=info.device, what=spec.what,
+                           grad_clip=spec.grad_clip,
+                           after_step=None if after_step is None else partial(after_step, total_steps=spec.total_steps))
+    shard = ray.train.get_dataset_shard("train")
+    batch_size, steps_per_epoch = spec.batch.per_worker_batch, spec.batch.steps_per_epoch
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, spec.epochs):
+        if before_epoch is not None:
+            before_epoch(epoch)
+        generator = seed_epoch(spec.seed, epoch, info.rank)
+        rows: list[tuple[int, dict[str, torch.Tensor], float]] = []
+        loss_sum = torch.zeros((), device=info.device)
+        started = time.perf_counter()
+        batches = shard.iter_torch_batches(
+            batch_size=batch_size, drop_last=True, device=info.device, pin_memory=info.device.type == "cuda",
+            local_shuffle_buffer_size=min(4 * batch_size, spec.rows), local_shuffle_seed=spec.seed + epoch,
+        )
+        for index, batch in enumerate(batches):
+            if index == steps_per_epoch:
+                break
+            if step == spec.nan_at_step:
+                batch = {**batch, "image": batch["image"].float() * float("nan")}
+            out, lr = train_step(batch, step, generator)
+            loss_sum += out.loss
+            rows.append((step, {"train_loss": out.loss, **out.logs}, lr))
+            step += 1
+            if step % spec.check_every_steps == 0:
+                train_step.guard.check()
+        train_step.guard.check()
+        seconds = time.perf_counter() - started
+        metrics = {
+            "epoch": epoch + 1,
+            "step": step,
+            "loss": float(loss_sum) / max(1, len(rows)),
+            "images_per_second": len(rows) * batch_size * info.world_size / seconds,
+        }
+        checkpoint_due = (epoch + 1) % spec.checkpoint_every == 0 or epoch + 1 == spec.epochs
+        checkpoint = None
+        if info.is_chief:
+            if epoch_metrics is not None:
+                metrics.update(epoch_metrics(epoch + 1))
+            log.epoch(rows, metrics)
+            if checkpoint_due:
+                checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                              "step": step}
+        report(metrics, checkpoint, info.rank)
+    return model, metrics
+
+
+class _EpochLog:
+    """Rank 0's printed lines and MLflow rows of the loop (nothing on other ranks, no MLflow without a run id)."""
+
+    def __init__(self, spec: LoopSpec, info: WorkerInfo, tracking_config: TrackingConfig, run_id: str | None) -> None:
+        self.spec, self.active, self.tracking, self.run_id = spec, info.is_chief, tracking_config, run_id
+        self.world_size = info.world_size
+
+    def _log(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        if self.active and self.run_id is not None:
+            tracking.log_metrics(self.tracking, self.run_id, rows)
+
+    def plan(self) -> None:
+        batch = self.spec.batch
+        if self.active and batch.reduced:
+            print(f"[{self.spec.stage}] {self.spec.rows} rows cannot fill {self.world_size} x {self.spec.stage}"
+                  f".batch_size: using {batch.per_worker_batch} per worker", flush=True)
+        self._log([(0, {"per_worker_batch_size": batch.per_worker_batch, "steps_per_epoch": batch.steps_per_epoch})])
+
+    def resumed(self, step: int, epoch: int) -> None:
+        self._log([(step, {"resumed_from_epoch": epoch})])
+
+    def epoch(self, rows: list[tuple[int, dict[str, torch.Tensor], float]], metrics: dict[str, float]) -> None:
+        extra = "".join(f"  {name} {value:.4f}" for name, value in metrics.items()
+                        if name not in ("epoch", "step", "loss", "images_per_second"))
+        print(f"[{self.spec.stage}] epoch {metrics['epoch']}/{self.spec.epochs}  loss {metrics['loss']:.4f}  "
+              f"images/s {metrics['images_per_second']:.1f}{extra}", flush=True)
+        step_rows = [(step, {**{name: float(value) for name, value in values.items()}, "lr": lr})
+                     for step, values, lr in rows]
+        epoch_values = {f"epoch_{name}": value for name, value in metrics.items() if name not in ("epoch", "step")}
+        self._log([*step_rows, (int(metrics["epoch"]), epoch_values)])

@@ -373,8 +373,8 @@ def test_pipeline_on_two_node_cluster_with_mlflow_server_survives_a_lost_node(re
         parents = _runs(client, f"tags.`{tracking.STAGE_TAG}` = 'pipeline'")
         assert [run.info.status for run in parents] == ["FINISHED" if first_code == 0 else "FAILED", "FINISHED"]
         rerun = parents[1]
-        reused = {key.removeprefix("sslflow.reused."): value for key, value in rerun.data.tags.items()
-                  if key.startswith("sslflow.reused.")}
+        reused = {key.removeprefix(tracking.REUSED_TAG_PREFIX): value for key, value in rerun.data.tags.items()
+                  if key.startswith(tracking.REUSED_TAG_PREFIX)}
         expected_reuse = PIPELINE_STAGES - {"promote"} if first_code == 0 else {"ingest"}
         assert set(reused) >= expected_reuse, reused
         note(f"rerun reused: {sorted(reused)}")

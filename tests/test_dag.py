@@ -69,14 +69,14 @@ def test_quickstart_runs_every_stage_then_reuses_them(ray_session, tmp_path: Pat
     assert challenger.tags["dataset_hash"].startswith("sha256:")
     assert 0.0 <= float(challenger.tags["test_top1"]) <= 1.0
     assert tracking.version_for_alias(cfg.tracking, f"{name}-teacher", tracking.CHALLENGER) is None
-    metrics = first.records["evaluate"]["metrics"]
+    metrics = first.records["evaluate"].metrics
     assert {"knn_top1_ssl", "knn_top1_random", "linear_top1_ssl", "linear_top1_random"} <= set(metrics)
 
     second = run_pipeline(cfg)
     reused = {p.name for p in second.plan if p.reused is not None}
     assert reused == set(stages_for(cfg)) - {"promote"}
-    assert second.records["pretrain"]["run_id"] == first.records["pretrain"]["run_id"]
-    assert second.records["promote"]["reason"] == "already champion"
+    assert second.records["pretrain"].run_id == first.records["pretrain"].run_id
+    assert second.records["promote"].reason == "already champion"
     assert set(_stage_runs(cfg.tracking.uri, second.run_id)) == {"promote"}
 
     forced = run_pipeline(cfg, dry_run=True, force=["distill"])
@@ -128,9 +128,9 @@ def test_killed_pipeline_resumes_reusing_finished_stages(ray_session, tmp_path: 
     cfg = config_from_mapping(values, base=tmp_path)
     resumed = run_pipeline(cfg)
     assert {p.name for p in resumed.plan if p.reused is not None} >= {"ingest", "pretrain"}
-    assert resumed.records["pretrain"]["run_id"] == before["pretrain"].info.run_id
-    assert resumed.records["ingest"]["run_id"] == before["ingest"].info.run_id
-    assert resumed.records["finetune"]["run_id"] != before["finetune"].info.run_id
+    assert resumed.records["pretrain"].run_id == before["pretrain"].info.run_id
+    assert resumed.records["ingest"].run_id == before["ingest"].info.run_id
+    assert resumed.records["finetune"].run_id != before["finetune"].info.run_id
     assert set(_stage_runs(uri, resumed.run_id)) >= {"finetune", "distill", "register", "promote"}
 
 
@@ -159,7 +159,7 @@ def test_promotion_gate_moves_champion_only_for_a_better_candidate(tmp_path: Pat
     worse = register(0.65)
     decision = promote(cfg.tracking, "gate", worse, margin=0.01)
     assert not decision["promoted"] and champion() == first
-    assert "does not beat" in tracking.model_version(cfg.tracking, "gate", worse).tags["sslflow.promotion"]
+    assert "does not beat" in tracking.model_version(cfg.tracking, "gate", worse).tags[tracking.PROMOTION_TAG]
     better = register(0.80)
     assert promote(cfg.tracking, "gate", better, margin=0.01)["promoted"] and champion() == better
     assert str(tracking.version_for_alias(cfg.tracking, "gate", "previous_champion").version) == first

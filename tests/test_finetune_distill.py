@@ -14,14 +14,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
-from pipelines.classifier import Classifier, classifier_from_pretrain_checkpoint, student_classifier
 from pipelines.config import config_from_mapping
 from pipelines.datasets import labeled_subset_ids, load_split_tensors, read_split
-from pipelines.stages.distill import masked_cross_entropy, run_distill
-from pipelines.stages.finetune import batch_plan, run_finetune
+from pipelines.stages import distill, finetune, pretrain
+from pipelines.stages.distill import masked_cross_entropy
 from pipelines.stages.ingest import ingest
-from pipelines.stages.pretrain import run_pretrain
+from ssl_core.classifier import Classifier, classifier_from_method, student_classifier
 from ssl_core.methods import build_method
+from ssl_core.training import batch_plan
 
 TINY_SIMCLR = {"backbone": "resnet8", "projection_hidden_dim": 32, "projection_dim": 16, "projection_layers": 3}
 TINY_MAE = {"backbone": "vit_tiny", "image_size": 16, "decoder_dim": 16, "decoder_depth": 1, "decoder_heads": 1}
@@ -82,26 +82,29 @@ def test_read_split_yields_exactly_the_labeled_subset(ray_session, digits: Path)
 # ---------------------------------------------------------------------------------------------- classifier
 
 
-def test_classifier_from_simclr_keeps_the_first_head_layers() -> None:
+def test_classifier_from_a_pretrained_simclr_keeps_the_first_head_layers() -> None:
+    pretrained = build_method("simclr", {**TINY_SIMCLR, "image_size": 16})
     method = build_method("simclr", {**TINY_SIMCLR, "image_size": 16})
-    state = {"model": method.state_dict()}
-    classifier = classifier_from_pretrain_checkpoint("simclr", {**TINY_SIMCLR, "image_size": 16}, state, 1, 10)
+    method.load_state_dict(pretrained.state_dict())
+    classifier = classifier_from_method(method, 1, 10)
     assert classifier.head_out_dim == 32 and len(classifier.head) == 1
-    assert torch.equal(classifier.head[0][0].weight, method.projection_head.layers[0][0].weight)
-    assert torch.equal(classifier.encoder.stem[0].weight, method.encoder.stem[0].weight)
+    assert torch.equal(classifier.head[0][0].weight, pretrained.projection_head.layers[0][0].weight)
+    assert torch.equal(classifier.encoder.stem[0].weight, pretrained.encoder.stem[0].weight)
+    assert (classifier.mean, classifier.std) == (method.normalization().mean, method.normalization().std)
     assert classifier(torch.rand(3, 3, 16, 16)).shape == (3, 10)
-    plain = classifier_from_pretrain_checkpoint("simclr", {**TINY_SIMCLR, "image_size": 16}, state, 0, 10)
+    plain = classifier_from_method(method, 0, 10)
     assert plain.head_out_dim == 64 and len(plain.head) == 0
-    with pytest.raises(ValueError, match="finetune.head_layers=4 exceeds the 3 layers"):
-        classifier_from_pretrain_checkpoint("simclr", {**TINY_SIMCLR, "image_size": 16}, state, 4, 10)
+    with pytest.raises(ValueError, match="head_layers=4 is out of range: method 'simclr' has 3 projection-head"):
+        classifier_from_method(method, 4, 10)
 
 
-def test_head_layers_need_a_projection_head() -> None:
-    state = {"model": build_method("mae", TINY_MAE).state_dict()}
-    with pytest.raises(ValueError, match=r"finetune.head_layers=1 needs a projection head.*'mae'.*to 0"):
-        classifier_from_pretrain_checkpoint("mae", TINY_MAE, state, 1, 10)
-    classifier = classifier_from_pretrain_checkpoint("mae", TINY_MAE, state, 0, 10)
-    assert classifier(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+def test_head_layers_need_a_projection_head(tmp_path: Path) -> None:
+    method = build_method("mae", TINY_MAE)
+    with pytest.raises(ValueError, match=r"head_layers=1 is out of range: method 'mae' has no projection head"):
+        classifier_from_method(method, 1, 10)
+    assert classifier_from_method(method, 0, 10)(torch.rand(2, 3, 16, 16)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"^finetune\.head_layers=1 is out of range: method 'mae' has no projection"):
+        config_from_mapping({"method": {"name": "mae"}, "finetune": {"head_layers": 1}}, tmp_path)
 
 
 def test_student_and_losses() -> None:
@@ -115,12 +118,14 @@ def test_student_and_losses() -> None:
 
 
 def test_batch_plan_keeps_steps_equal_and_shrinks_small_subsets() -> None:
-    assert batch_plan(130, 32, 2, "finetune").__dict__ == {"per_worker_batch": 32, "steps_per_epoch": 2,
-                                                           "reduced": False}
-    assert batch_plan(50, 32, 2, "finetune").__dict__ == {"per_worker_batch": 25, "steps_per_epoch": 1,
-                                                          "reduced": True}
+    assert batch_plan(130, 32, 2, "finetune", shrink=True).__dict__ == {"per_worker_batch": 32, "steps_per_epoch": 2,
+                                                                        "reduced": False}
+    assert batch_plan(50, 32, 2, "finetune", shrink=True).__dict__ == {"per_worker_batch": 25, "steps_per_epoch": 1,
+                                                                       "reduced": True}
     with pytest.raises(ValueError, match="3 rows cannot give each of 2 workers a batch of at least 2"):
-        batch_plan(3, 32, 2, "finetune")
+        batch_plan(3, 32, 2, "finetune", shrink=True)
+    with pytest.raises(ValueError, match=r"pretrain.batch_size=32 x 2 workers exceeds the 50 train rows"):
+        batch_plan(50, 32, 2, "pretrain.batch_size", shrink=False)
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -143,15 +148,10 @@ def _config(tmp_path: Path, digits: Path):
     )
 
 
-def _stage(cfg, stage: str, run, *args) -> tuple[str, dict]:
-    run_id = tracking.start_run(cfg.tracking, stage, {tracking.STAGE_TAG: stage})
-    try:
-        record = run(cfg, run_id, f"{stage}-{run_id}", *args)
-    except Exception:
-        tracking.end_run(cfg.tracking, run_id, "FAILED")
-        raise
-    tracking.end_run(cfg.tracking, run_id)
-    return run_id, record
+def _stage(cfg, stage, inputs: dict) -> tuple[str, object]:
+    name = stage.__name__.rsplit(".", 1)[-1]
+    with tracking.run(cfg.tracking, name, {tracking.STAGE_TAG: name}) as run_id:
+        return run_id, stage.run(cfg, run_id, inputs)
 
 
 def _history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
@@ -166,29 +166,31 @@ def _logits(model_uri: str) -> torch.Tensor:
 
 def test_pretrain_finetune_distill_end_to_end(ray_session, tmp_path: Path, digits: Path) -> None:
     cfg = _config(tmp_path, digits)
-    _, pretrain_record = _stage(cfg, "pretrain", run_pretrain)
-    finetune_id, teacher = _stage(cfg, "finetune", run_finetune, pretrain_record)
-    distill_id, student = _stage(cfg, "distill", run_distill, teacher)
+    _, pretrain_record = _stage(cfg, pretrain, {})
+    finetune_id, teacher = _stage(cfg, finetune, {"pretrain": pretrain_record})
+    distill_id, student = _stage(cfg, distill, {"finetune": teacher})
     mlflow.set_tracking_uri(cfg.tracking.uri)
 
     num_labeled = len(labeled_subset_ids(digits, "train", 0.1, 0))
-    assert teacher["num_classes"] == student["num_classes"] == 10
-    assert teacher["metrics"]["num_labeled"] == num_labeled
-    assert teacher["metrics"]["label_fraction"] == 0.1
-    assert 0.0 <= teacher["metrics"]["test_top1"] <= 1.0
+    assert teacher.num_classes == student.num_classes == 10
+    assert teacher.metrics["num_labeled"] == num_labeled
+    assert teacher.metrics["label_fraction"] == 0.1
+    assert 0.0 <= teacher.metrics["test_top1"] <= 1.0
     assert _history(cfg, finetune_id, "num_labeled") == [(2, num_labeled)]
-    assert [s for s, _ in _history(cfg, finetune_id, "finetune_loss")] == [1, 2]
+    assert [s for s, _ in _history(cfg, finetune_id, "epoch_loss")] == [1, 2]
+    train_steps = [s for s, _ in _history(cfg, finetune_id, "train_loss")]
+    assert train_steps == list(range(2 * (num_labeled // 64)))  # per step, continuous across epochs
     # 2 workers x 32 rows, as many whole global batches as the subset holds
     assert _history(cfg, finetune_id, "steps_per_epoch") == [(0, num_labeled // 64)]
-    assert _history(cfg, finetune_id, "test_top1") == [(2, pytest.approx(teacher["metrics"]["test_top1"]))]
-    teacher_logits = _logits(teacher["model_uri"])
+    assert _history(cfg, finetune_id, "test_top1") == [(2, pytest.approx(teacher.metrics["test_top1"]))]
+    teacher_logits = _logits(teacher.model_uri)
     assert teacher_logits.shape == (5, 10) and torch.isfinite(teacher_logits).all()
 
-    metrics = student["metrics"]
+    metrics = student.metrics
     assert set(metrics) == {"teacher_test_top1", "student_test_top1", "test_top1"}
     assert metrics["test_top1"] == metrics["student_test_top1"] and 0.0 <= metrics["test_top1"] <= 1.0
-    assert metrics["teacher_test_top1"] == pytest.approx(teacher["metrics"]["test_top1"])
-    losses = _history(cfg, distill_id, "distill_loss")
+    assert metrics["teacher_test_top1"] == pytest.approx(teacher.metrics["test_top1"])
+    losses = _history(cfg, distill_id, "epoch_loss")
     assert [s for s, _ in losses] == [1] and np.isfinite(losses[0][1])
-    student_logits = _logits(student["model_uri"])
+    student_logits = _logits(student.model_uri)
     assert student_logits.shape == (5, 10) and torch.isfinite(student_logits).all()

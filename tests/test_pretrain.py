@@ -11,14 +11,17 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
 from pipelines.config import config_from_mapping
-from pipelines.stages.ingest import ingest, read_manifest
-from pipelines.stages.pretrain import run_pretrain
+from pipelines.records import PretrainRecord
+from pipelines.datasets import read_manifest
+from pipelines.stages import pretrain
+from pipelines.stages.ingest import ingest
 
 pytestmark = pytest.mark.slow
 
 TINY_METHODS = {
     "simclr": {"backbone": "resnet8", "projection_hidden_dim": 32, "projection_dim": 16},
     "moco": {"backbone": "resnet8", "projection_hidden_dim": 32, "projection_dim": 16, "queue_size": 256},
+    "rotation": {"backbone": "resnet8", "hidden_dim": 32},
 }
 
 
@@ -43,9 +46,9 @@ def _config(tmp_path: Path, digits: Path, method: str, **pretrain):
     )
 
 
-def _pretrain(cfg, name: str = "pretrain") -> tuple[str, dict]:
+def _pretrain(cfg, name: str = "pretrain") -> tuple[str, PretrainRecord]:
     with tracking.run(cfg.tracking, name, {tracking.STAGE_TAG: "pretrain"}, params=cfg.to_dict()) as run_id:
-        return run_id, run_pretrain(cfg, run_id, f"{name}-{run_id}")
+        return run_id, pretrain.run(cfg, run_id, {})
 
 
 def _train_rows(digits: Path) -> int:
@@ -57,7 +60,7 @@ def _history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
+@pytest.mark.parametrize("method", ["rotation", "moco"])
 def test_two_worker_pretraining_is_tracked_and_the_encoder_loads_back(
     ray_session, tmp_path: Path, digits: Path, method: str
 ) -> None:
@@ -70,13 +73,16 @@ def test_two_worker_pretraining_is_tracked_and_the_encoder_loads_back(
     losses = _history(cfg, run_id, "train_loss")
     assert [s for s, _ in losses] == list(range(steps))
     assert all(torch.isfinite(torch.tensor(v)) for _, v in losses)
+    if method == "rotation":  # a method's per-step StepOutput.logs reach MLflow at every step
+        accuracy = _history(cfg, run_id, "rotation_accuracy")
+        assert [s for s, _ in accuracy] == list(range(steps)) and all(0.0 <= v <= 1.0 for _, v in accuracy)
     knn = _history(cfg, run_id, "epoch_knn_top1")
     assert [s for s, _ in knn] == [1, 2] and all(0.1 < v <= 1.0 for _, v in knn)
     assert [s for s, _ in _history(cfg, run_id, "epoch_images_per_second")] == [1, 2]
-    assert record["checkpoint_uri"].endswith("checkpoints/checkpoint.pt")
+    assert record.checkpoint_uri.endswith("checkpoints/checkpoint.pt")
 
     mlflow.set_tracking_uri(cfg.tracking.uri)
-    encoder = mlflow.pytorch.load_model(record["encoder_uri"])
+    encoder = mlflow.pytorch.load_model(record.encoder_uri)
     features = encoder(torch.rand(4, 3, 16, 16))
     assert features.shape == (4, 64) and torch.isfinite(features).all()
 
@@ -89,12 +95,12 @@ def test_worker_failure_resumes_from_the_last_checkpoint(ray_session, tmp_path: 
     losses = _history(cfg, run_id, "train_loss")
     assert [s for s, _ in losses] == list(range(3 * steps_per_epoch)), "steps restarted or repeated"
     assert [s for s, _ in _history(cfg, run_id, "epoch_loss")] == [1, 2, 3]
-    assert record["metrics"]["step"] == 3 * steps_per_epoch
+    assert record.metrics["step"] == 3 * steps_per_epoch
 
 
 def test_nan_loss_stops_the_run_naming_step_and_method(ray_session, tmp_path: Path, digits: Path) -> None:
     cfg = _config(tmp_path, digits, "simclr", inject_nan_at_step=3)
-    cfg = cfg.__class__(**{**cfg.__dict__, "scaling": cfg.scaling.__class__(**{**cfg.scaling.__dict__, "max_failures": 0})})
+    cfg = cfg.with_overlay({"scaling": {"max_failures": 0}})
     with pytest.raises(Exception, match=r"non-finite loss at step 3 \(method simclr\); last finite loss: \d"):
         _pretrain(cfg)
     failed = MlflowClient(cfg.tracking.uri).search_runs(

@@ -16,15 +16,8 @@ from pipelines import tracking
 from pipelines.cli import main
 from pipelines.config import config_from_mapping
 from pipelines.dag import run_pipeline, stages_for
-from pipelines.stages.tune import (
-    ERRORED,
-    TRIAL_ERROR_TAG,
-    TRIAL_STAGE,
-    TRIAL_STATE_TAG,
-    TRIAL_TAG,
-    error_reason,
-    unflatten,
-)
+from pipelines.stages.tune import ERRORED, TRIAL_STAGE, error_reason, unflatten
+from pipelines.tracking import TRIAL_ERROR_TAG, TRIAL_STATE_TAG, TRIAL_TAG
 from tune_spaces import domain_from_spec, domain_values, method_search_space, validate_space
 
 REPO = Path(__file__).resolve().parents[1]
@@ -172,14 +165,14 @@ def test_search_records_trials_survives_an_errored_one_and_feeds_pretrain(ray_se
 
     scores = {name: _last_metric(uri, t.info.run_id, "knn_top1") for name, t in trials.items()}
     record = result.records["tune"]
-    best_name, best = next((name, t) for name, t in trials.items() if t.data.tags[TRIAL_TAG] == record["best_trial"])
+    best_name, best = next((name, t) for name, t in trials.items() if t.data.tags[TRIAL_TAG] == record.best_trial)
     assert scores[best_name] == max(scores.values())  # the argmax (ties: the earliest trial)
     best_overlay = {"queue_size": int(best.data.params["method.config.queue_size"]),
                     "temperature": float(best.data.params["method.config.temperature"]),
                     "momentum": float(best.data.params["method.config.momentum"])}
-    assert record["config_overlay"] == {"method": {"config": best_overlay}}
-    assert record["best_value"] == pytest.approx(max(scores.values()))
-    assert record["trials"] == {"completed": sum(t.data.tags[TRIAL_STATE_TAG] == "completed" for t in trials.values()),
+    assert record.config_overlay == {"method": {"config": best_overlay}}
+    assert record.best_value == pytest.approx(max(scores.values()))
+    assert record.trials == {"completed": sum(t.data.tags[TRIAL_STATE_TAG] == "completed" for t in trials.values()),
                                 "stopped_early": sum(t.data.tags[TRIAL_STATE_TAG] == "stopped_early"
                                                      for t in trials.values()),
                                 "errored": 1}
@@ -201,7 +194,7 @@ def test_search_records_trials_survives_an_errored_one_and_feeds_pretrain(ray_se
     capsys.readouterr()
     assert main(["tune", str(config_file)]) == 0
     printed = capsys.readouterr().out
-    assert f"4 trials ({record['trials']['completed']} completed" in printed and "1 errored" in printed
+    assert f"4 trials ({record.trials['completed']} completed" in printed and "1 errored" in printed
     assert "injected failure in trial 3" in printed and "queue_size" in printed
 
 

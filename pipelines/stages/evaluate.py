@@ -1,30 +1,33 @@
 """Evaluate stage: weighted kNN and linear probe of the pretrained encoder on the test split, against a randomly
-initialised encoder of the same architecture; a PCA plot of the test embeddings coloured by label.
+initialised encoder of the same method and architecture; a PCA plot of the test embeddings coloured by label.
 
 Runs as one Ray task (no Train workers): features of the labeled train rows (the bank / probe training set) and
-of the test rows are extracted once per encoder, on the task's device.
+of the test rows are extracted once per encoder, on the task's device, normalised as the method's views are.
 """
 
 from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from pipelines import tracking
+from pipelines.config import PipelineConfig
 from pipelines.datasets import load_split_tensors
-from pipelines.stages.pretrain import eval_normalizer
-from ssl_core import augment
-from ssl_core.backbones import build_backbone
+from pipelines.records import EvaluateRecord, IngestRecord, PretrainRecord, StageRecord
+from ssl_core.augment import Normalization
 from ssl_core.evaluate import extract_features, knn_accuracy, linear_probe
+from ssl_core.methods import build_method
+
+Split = tuple[torch.Tensor, torch.Tensor]
 
 
-def _scores(encoder, cfg, bank, test, num_classes: int, normalize, device) -> tuple[dict[str, float], torch.Tensor]:
+def _scores(encoder: torch.nn.Module, cfg: PipelineConfig, bank: Split, test: Split, num_classes: int,
+            normalization: Normalization, device: torch.device) -> tuple[dict[str, float], torch.Tensor]:
     e = cfg.evaluate
-    bank_features = extract_features(encoder, bank[0], device=device, normalize=normalize)
-    test_features = extract_features(encoder, test[0], device=device, normalize=normalize)
+    bank_features = extract_features(encoder, bank[0], device=device, normalize=normalization)
+    test_features = extract_features(encoder, test[0], device=device, normalize=normalization)
     knn = knn_accuracy(bank_features, bank[1], test_features, test[1], num_classes=num_classes, k=e.knn_k,
                        temperature=e.knn_temperature)
     probe = linear_probe(bank_features, bank[1], test_features, test[1], num_classes=num_classes,
@@ -51,27 +54,26 @@ def _pca_plot(features: dict[str, torch.Tensor], labels: torch.Tensor, path: Pat
     plt.close(figure)
 
 
-def evaluate_stage(cfg, run_id: str, upstream: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> EvaluateRecord:
+    """Metrics ``{knn_top1, knn_top5, linear_top1}_{ssl, random}``."""
+    ingest: IngestRecord = inputs["ingest"]
+    pretrain: PretrainRecord = inputs["pretrain"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     size = cfg.data.image_size
-    num_classes = upstream["ingest"]["num_classes"]
-    normalize = eval_normalizer(augment.preset(cfg.method.name, size))
     bank = load_split_tensors(cfg.data.path, "train", size, labeled_only=True)
     test = load_split_tensors(cfg.data.path, "test", size, labeled_only=True)
-
-    pretrained = tracking.load_torch_model(cfg.tracking, upstream["pretrain"]["encoder_uri"]).to(device)
+    pretrained = tracking.load_torch_model(cfg.tracking, pretrain.encoder_uri).to(device)
     torch.manual_seed(cfg.data.seed)
-    method_config = cfg.method.config
-    random_init = build_backbone(method_config["backbone"], small_images=method_config["small_images"],
-                                 image_size=size).to(device)
+    method = build_method(cfg.method.name, cfg.method.config)
+    normalization = method.normalization()
     metrics: dict[str, float] = {}
     features: dict[str, torch.Tensor] = {}
-    for name, encoder in (("ssl", pretrained), ("random", random_init)):
-        scores, features[name] = _scores(encoder, cfg, bank, test, num_classes, normalize, device)
+    for name, encoder in (("ssl", pretrained), ("random", method.encoder.to(device))):
+        scores, features[name] = _scores(encoder, cfg, bank, test, ingest.num_classes, normalization, device)
         metrics.update({f"{key}_{name}": value for key, value in scores.items()})
     tracking.log_metrics(cfg.tracking, run_id, [(0, metrics)])
     with tempfile.TemporaryDirectory() as directory:
         plot = Path(directory) / "test_embeddings_pca.png"
         _pca_plot(features, test[1], plot)
         plot_uri = tracking.log_artifact(cfg.tracking, run_id, plot, "plots")
-    return {"metrics": metrics, "plot_uri": plot_uri}
+    return EvaluateRecord(metrics=metrics, plot_uri=plot_uri)

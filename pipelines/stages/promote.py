@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipelines import tracking
-from pipelines.config import TrackingConfig
+from pipelines.config import PipelineConfig, TrackingConfig
+from pipelines.records import PromoteRecord, RegisterRecord, StageRecord
 
 METRIC = "test_top1"
 PREVIOUS_CHAMPION = "previous_champion"
@@ -38,15 +39,15 @@ def promote(tracking_config: TrackingConfig, name: str, version: str, margin: fl
         tracking.set_alias(tracking_config, name, tracking.CHAMPION, version)
         if current is not None:
             tracking.set_alias(tracking_config, name, PREVIOUS_CHAMPION, current.version)
-    tracking.set_version_tag(tracking_config, name, version, "sslflow.promotion", reason)
+    tracking.set_version_tag(tracking_config, name, version, tracking.PROMOTION_TAG, reason)
     champion_version = str(version) if promoted else (str(current.version) if current is not None else None)
     return {"promoted": promoted, "champion_version": champion_version, "reason": reason}
 
 
-def promote_stage(cfg, run_id: str, upstream: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    registered = upstream["register"]
-    decision = promote(cfg.tracking, registered["model_name"], registered["version"], cfg.registry.promote_margin)
+def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> PromoteRecord:
+    registered: RegisterRecord = inputs["register"]
+    decision = promote(cfg.tracking, registered.model_name, registered.version, cfg.registry.promote_margin)
     tracking.set_tags(cfg.tracking, run_id, {"promoted": decision["promoted"], "reason": decision["reason"],
                                              "champion_version": decision["champion_version"]})
     tracking.log_metrics(cfg.tracking, run_id, [(0, {"promoted": float(decision["promoted"])})])
-    return {**decision, "model_name": registered["model_name"], "version": registered["version"]}
+    return PromoteRecord(**decision, model_name=registered.model_name, version=registered.version)

@@ -5,28 +5,30 @@ pipeline run id; the student version gets the alias ``challenger``. Each registr
 
 from __future__ import annotations
 
-from typing import Any
-
 from pipelines import tracking
+from pipelines.config import PipelineConfig
+from pipelines.records import ClassifierRecord, IngestRecord, RegisterRecord, StageRecord
 
 
-def register_stage(cfg, run_id: str, upstream: dict[str, dict[str, Any]], context: dict[str, str]) -> dict[str, Any]:
-    student, teacher = upstream["distill"], upstream["finetune"]
-    common = {"dataset_hash": context["dataset_hash"], "pipeline_run_id": context["pipeline_run_id"],
+def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> RegisterRecord:
+    ingest: IngestRecord = inputs["ingest"]
+    teacher: ClassifierRecord = inputs["finetune"]
+    student: ClassifierRecord = inputs["distill"]
+    common = {"dataset_hash": ingest.content_hash, "pipeline_run_id": tracking.parent_run_id(cfg.tracking, run_id),
               "stage_run_id": run_id, "method": cfg.method.name, "label_fraction": cfg.finetune.label_fraction}
     name = cfg.registry.model_name
     teacher_version = tracking.register_version(
-        cfg.tracking, teacher["model_uri"], f"{name}-teacher",
-        {**common, "test_top1": teacher["metrics"]["test_top1"], "role": "teacher"},
+        cfg.tracking, teacher.model_uri, f"{name}-teacher",
+        {**common, "test_top1": teacher.metrics["test_top1"], "role": "teacher"},
     )
     student_version = tracking.register_version(
-        cfg.tracking, student["model_uri"], name,
-        {**common, "test_top1": student["metrics"]["test_top1"], "role": "student",
+        cfg.tracking, student.model_uri, name,
+        {**common, "test_top1": student.metrics["test_top1"], "role": "student",
          "teacher": f"{name}-teacher/{teacher_version}"},
         aliases=[tracking.CHALLENGER],
     )
-    metrics = {"test_top1": student["metrics"]["test_top1"], "teacher_test_top1": teacher["metrics"]["test_top1"]}
+    metrics = {"test_top1": student.metrics["test_top1"], "teacher_test_top1": teacher.metrics["test_top1"]}
     tracking.log_metrics(cfg.tracking, run_id, [(0, metrics)])
     tracking.set_tags(cfg.tracking, run_id, {"registered_version": student_version,
                                              "registered_teacher_version": teacher_version})
-    return {"model_name": name, "version": student_version, "teacher_version": teacher_version, "metrics": metrics}
+    return RegisterRecord(model_name=name, version=student_version, teacher_version=teacher_version, metrics=metrics)

@@ -1,0 +1,137 @@
+"""Pretraining on Ray Train workers (DDP): any ``ssl_core`` method, data from Parquet through Ray Data. Used by the
+pretrain stage and by every Tune trial.
+
+``fit_pretraining`` is the driver: it builds the ``TorchTrainer`` over the train split and returns Ray's result;
+``train_func`` is the Ray boundary (one call per worker): the method's ``ssl_objective`` in the worker loop
+(``pipelines.train_loop``), the kNN monitor on rank 0, and on rank 0 at the end the encoder logged as an MLflow
+PyTorch model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+from torch import nn
+
+from pipelines import tracking
+from pipelines.config import PipelineConfig, from_dict
+from pipelines.datasets import load_split_tensors, read_manifest, read_split
+from pipelines.ray_train import fit
+from pipelines.train_loop import LoopSpec, train, worker_info
+from ssl_core.augment import Normalization
+from ssl_core.evaluate import extract_features, knn_accuracy
+from ssl_core.methods import build_method
+from ssl_core.optim import scaled_lr
+from ssl_core.training import batch_plan, ssl_objective
+
+
+@dataclass(frozen=True)
+class PretrainJob:
+    """What a pretraining worker needs; crosses the Ray boundary as ``dataclasses.asdict`` and is rebuilt once."""
+
+    config: PipelineConfig
+    run_id: str | None
+    run_name: str
+    train_rows: int
+    log_model: bool = True
+
+
+class KnnMonitor:
+    """Weighted kNN top-1 of the encoder: a labeled bank from the train split, queries from the val split."""
+
+    def __init__(self, cfg: PipelineConfig, normalization: Normalization, device: torch.device) -> None:
+        p = cfg.pretrain
+        bank_images, bank_labels = load_split_tensors(cfg.data.path, "train", cfg.data.image_size, labeled_only=True)
+        if len(bank_labels) > p.knn_bank_size:
+            keep = torch.randperm(len(bank_labels), generator=torch.Generator().manual_seed(p.seed))[: p.knn_bank_size]
+            bank_images, bank_labels = bank_images[keep], bank_labels[keep]
+        self.bank_images, self.bank_labels = bank_images, bank_labels
+        self.val_images, self.val_labels = load_split_tensors(cfg.data.path, "val", cfg.data.image_size,
+                                                              labeled_only=True)
+        self.num_classes = int(torch.cat([bank_labels, self.val_labels]).max()) + 1
+        self.normalization, self.device, self.k, self.temperature = normalization, device, p.knn_k, p.knn_temperature
+
+    def __call__(self, encoder: nn.Module) -> float:
+        bank = extract_features(encoder, self.bank_images, device=self.device, normalize=self.normalization)
+        queries = extract_features(encoder, self.val_images, device=self.device, normalize=self.normalization)
+        # kNN on the worker's device (extract_features returns CPU features).
+        accuracy = knn_accuracy(bank.to(self.device), self.bank_labels, queries.to(self.device), self.val_labels,
+                                num_classes=self.num_classes, k=self.k, temperature=self.temperature)
+        return accuracy["top1"]
+
+    @staticmethod
+    def has_data(data_path: str) -> bool:
+        """Labeled train rows for the bank and labeled val rows for the queries."""
+        splits = read_manifest(data_path)["splits"]
+        return splits.get("val", {}).get("labeled", 0) > 0 and splits["train"].get("labeled", 0) > 0
+
+
+def _failure_marker(cfg: PipelineConfig, run_name: str) -> Path:
+    return Path(cfg.scaling.storage_path) / run_name / "injected_failure"
+
+
+def _inject_failure(cfg: PipelineConfig, run_name: str, epoch: int, rank: int, world_size: int) -> None:
+    """Test hook (``pretrain.inject_failure_at_epoch``): the last worker raises once, guarded by a marker file,
+    at the start of the given epoch."""
+    target = cfg.pretrain.inject_failure_at_epoch
+    marker = _failure_marker(cfg, run_name)
+    if target is not None and epoch + 1 == target and rank == world_size - 1 and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"injected failure at epoch {target}\n")
+        raise RuntimeError(f"injected failure at epoch {target} (pretrain.inject_failure_at_epoch)")
+
+
+def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
+    """Ray Train worker. Returns (on rank 0) ``{"metrics", "encoder_uri"}``."""
+    job = from_dict(PretrainJob, values)
+    cfg, p = job.config, job.config.pretrain
+    info = worker_info(cfg.scaling.cpus_per_worker)
+    if job.run_id is not None:  # every rank records its Ray node: placement across nodes shows in the run's tags
+        tracking.set_tags(cfg.tracking, job.run_id, {tracking.node_tag(info.rank): ray.get_runtime_context().get_node_id()})
+    method = build_method(cfg.method.name, cfg.method.config)
+    plan = batch_plan(job.train_rows, p.batch_size, info.world_size, "pretrain.batch_size", shrink=False)
+    global_batch = plan.per_worker_batch * info.world_size
+    lr = scaled_lr(p.lr, global_batch, p.lr_scaling)
+    spec = LoopSpec(
+        stage="pretrain", what=f"method {cfg.method.name}", epochs=p.epochs, rows=job.train_rows, batch=plan,
+        seed=p.seed, optimizer=p.optimizer, lr=lr, weight_decay=p.weight_decay,
+        warmup_steps=round(p.warmup_epochs * plan.steps_per_epoch), final_lr=lr * p.final_lr_fraction,
+        grad_clip=p.grad_clip, checkpoint_every=p.checkpoint_every, check_every_steps=p.log_every_steps,
+        compile=p.compile, nan_at_step=p.inject_nan_at_step,
+    )
+    monitor = None
+    if info.is_chief and KnnMonitor.has_data(cfg.data.path):
+        monitor = KnnMonitor(cfg, method.normalization(), info.device)
+
+    def knn(epoch: int) -> dict[str, float]:
+        due = monitor is not None and (epoch % p.knn_every == 0 or epoch == p.epochs)
+        return {"knn_top1": monitor(method.encoder)} if due else {}
+
+    method, metrics = train(
+        method, ssl_objective(method.view_generator(), info.device), spec, info, tracking_config=cfg.tracking,
+        run_id=job.run_id, param_groups=method.param_groups(p.weight_decay), after_step=method.on_after_optimizer_step,
+        epoch_metrics=knn, before_epoch=lambda epoch: _inject_failure(cfg, job.run_name, epoch, info.rank,
+                                                                      info.world_size),
+    )
+    if not info.is_chief:
+        return None
+    encoder_uri = None
+    if job.run_id is not None and job.log_model:
+        example = torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size)
+        encoder_uri = tracking.log_torch_model(cfg.tracking, job.run_id, method.encoder, "encoder", example)
+    return {"metrics": metrics, "encoder_uri": encoder_uri}
+
+
+def fit_pretraining(cfg: PipelineConfig, run_id: str | None, run_name: str, *, callbacks: list[Any] | None = None,
+                    log_model: bool = True):
+    """Driver: pretrain ``cfg``'s method on its train split as the Ray Train run ``run_name``; returns Ray's
+    ``Result`` (``return_value`` = rank 0's ``{"metrics", "encoder_uri"}``). ``log_model=False`` (Tune trials)
+    skips logging the encoder; ``callbacks`` are Ray Train callbacks (Tune's report callback)."""
+    job = PretrainJob(cfg, run_id, run_name, read_manifest(cfg.data.path)["splits"]["train"]["rows"], log_model)
+    dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size)
+    return fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset}, callbacks)
