@@ -1,5 +1,6 @@
-"""What the throughput and scaling benchmarks share: the real images, each method's benchmark settings, the
-training-step timer and the Ray Train path (Parquet -> Ray Data -> on-device views -> DDP step).
+"""What the benchmarks share: the real images, each method's benchmark settings, a method set up as the pipeline's
+worker loop trains it (``Model``, whose ``train_step`` is ``ssl_core.training.TrainStep``), the training-step timer
+and the Ray Train path (Parquet -> Ray Data -> on-device views -> DDP step).
 
 Only ``ray_path_images_per_second`` imports Ray and the pipelines, so ``throughput.py --no-ray`` runs where Ray
 is not installed. Images: the real 32x32 Tiny-ImageNet test set of ``../shared/datasets`` (no labels), resized
@@ -12,19 +13,29 @@ import dataclasses
 import os
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from ssl_core import build_method
+from ssl_core.device import compile_or_eager, uses_channels_last
+from ssl_core.methods import MethodConfig, SSLMethod
+from ssl_core.optim import build_optimizer, scaled_lr, warmup_cosine
+from ssl_core.training import Objective, TrainStep
 
 REPO = Path(__file__).resolve().parents[1]
 DATASETS = REPO.parent / "shared" / "datasets"
 IMAGES_FILE = "tiny32_test_unlabeled.npz"
 
 NUM_LOCAL_CROPS = 4  # DINO in the benchmarks: 2 global + 4 local crops (2x32 + 4x16 at 32 px, 2x96 + 4x48 at 96 px)
+WEIGHT_DECAY = 1e-6
+BASE_LR = 0.3  # x batch / 256, as the pretrain stage (LARS)
 
 
 def backbone_for(method: str, backbone: str) -> str:
@@ -32,15 +43,66 @@ def backbone_for(method: str, backbone: str) -> str:
     return "vit_tiny" if method == "mae" else backbone
 
 
-def method_settings(method: str, backbone: str, image_size: int) -> dict[str, Any]:
+def method_settings(method: str, backbone: str, image_size: int,
+                    num_local_crops: int | None = NUM_LOCAL_CROPS) -> dict[str, Any]:
     """The method config the benchmarks use: the paper defaults, with a 4096-key MoCo queue, a 4096-dim DINO
-    output and 4 DINO local crops, so the CPU runs stay short."""
+    output and ``num_local_crops`` DINO local crops (None: the method's default), so the CPU runs stay short."""
     settings: dict[str, Any] = {"backbone": backbone_for(method, backbone), "image_size": image_size}
     if method == "moco":
         settings["queue_size"] = 4096
     if method == "dino":
-        settings.update(out_dim=4096, num_local_crops=NUM_LOCAL_CROPS)
+        settings["out_dim"] = 4096
+        if num_local_crops is not None:
+            settings["num_local_crops"] = num_local_crops
     return settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    method: str
+    backbone: str
+    image_size: int
+    batch_size: int
+
+    def label(self, device: torch.device) -> str:
+        return f"{self.method} {self.backbone} {self.image_size}px batch{self.batch_size} {device.type}"
+
+
+@dataclasses.dataclass
+class Model:
+    """A method on ``device`` as the pipeline's worker loop trains it: channels_last where the device uses it,
+    optionally compiled (``model``), and its optimizer at the peak learning rate ``lr``."""
+
+    method: SSLMethod
+    model: nn.Module  # the method, or its compiled wrapper
+    optimizer: torch.optim.Optimizer
+    lr: float
+    device: torch.device
+
+    def train_step(self, objective: Objective, total_steps: int,
+                   after_step: Callable[[int, int], None] | None = None) -> TrainStep:
+        """The pipeline's step (``ssl_core.training.TrainStep``) of ``objective`` over ``total_steps``: cosine
+        learning rate without warm-up, then ``after_step(step, total_steps)`` (default: the method's EMA/queue
+        update). No gradient clipping (the pretrain stage's default)."""
+        after_step = after_step or self.method.on_after_optimizer_step
+        lr_at = partial(warmup_cosine, total_steps=total_steps, warmup_steps=0, base_value=self.lr)
+        return TrainStep(self.model, objective, self.optimizer, lr_at, device=self.device,
+                         what=f"method {self.method.name}", after_step=partial(after_step, total_steps=total_steps))
+
+
+def build_model(case: Case, device: torch.device, compile_model: bool = False,
+                settings: MethodConfig | Mapping[str, Any] | None = None, optimizer: str = "lars",
+                lr: float | None = None, weight_decay: float = WEIGHT_DECAY) -> Model:
+    """``case``'s method (``settings``, default ``method_settings``) seeded with 0, with ``optimizer`` at ``lr``
+    (default: LARS at ``BASE_LR`` x batch / 256)."""
+    torch.manual_seed(0)
+    settings = settings if settings is not None else method_settings(case.method, case.backbone, case.image_size)
+    method = build_method(case.method, settings).to(device)
+    if uses_channels_last(device):
+        method = method.to(memory_format=torch.channels_last)
+    lr = lr if lr is not None else scaled_lr(BASE_LR, case.batch_size, "linear")
+    return Model(method, compile_or_eager(method) if compile_model else method,
+                 build_optimizer(method.param_groups(weight_decay), optimizer, lr, weight_decay), lr, device)
 
 
 def load_images(count: int, image_size: int, datasets: Path = DATASETS) -> torch.Tensor:
@@ -96,7 +158,8 @@ def default_cpus_per_worker(cpus: float, workers: int) -> float:
 def ingest_images(rows: int, work_dir: Path, datasets: Path = DATASETS) -> Path:
     """A Parquet dataset (ingest output, all rows in the train split) of the first ``rows`` real 32x32 images;
     made once and reused."""
-    from pipelines.stages.ingest import MANIFEST_NAME, ingest
+    from pipelines.datasets import MANIFEST_NAME
+    from pipelines.stages.ingest import ingest
 
     data_path = work_dir / f"tiny32_{rows}"
     if not (data_path / MANIFEST_NAME).is_file():
@@ -110,7 +173,7 @@ def ingest_images(rows: int, work_dir: Path, datasets: Path = DATASETS) -> Path:
 
 @dataclasses.dataclass(frozen=True)
 class RayPathRun:
-    """One measurement of the pipelines' pretrain stage (``pipelines.stages.pretrain.train_func`` on Ray Train)."""
+    """One measurement of the pipelines' pretraining (``pipelines.pretraining.fit_pretraining`` on Ray Train)."""
 
     method: str
     backbone: str
@@ -128,7 +191,7 @@ def ray_path_images_per_second(run: RayPathRun, work_dir: Path, datasets: Path =
     Parquet read and decoded by Ray Data tasks, streamed to the workers, augmented on their device, DDP step.
     Needs a running ``ray.init()``. Nothing is logged to MLflow (no run id)."""
     from pipelines.config import config_from_mapping
-    from pipelines.stages.pretrain import run_pretrain
+    from pipelines.pretraining import fit_pretraining
 
     rows = run.batch_size * run.workers * run.steps_per_epoch
     data_path = ingest_images(rows, work_dir, datasets)
@@ -143,5 +206,5 @@ def ray_path_images_per_second(run: RayPathRun, work_dir: Path, datasets: Path =
                      "warmup_epochs": 0.5, "compile": run.compile},
     }, base=work_dir)
     name = f"bench-{run.method}-{run.backbone}-{run.image_size}px-{run.workers}w-{os.getpid()}-{time.time_ns()}"
-    record = run_pretrain(config, None, name)
-    return float(record["metrics"]["images_per_second"])
+    result = fit_pretraining(config, None, name, log_model=False)
+    return float(result.return_value["metrics"]["images_per_second"])

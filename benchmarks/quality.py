@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import DATASETS, REPO, Case, build_model, images_per_second  # noqa: E402
 
 
 def build_npz(datasets: Path, out: Path) -> Path:
@@ -46,7 +48,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--lr", type=float, default=0.004)
-    parser.add_argument("--datasets", type=Path, default=REPO.parent / "shared" / "datasets")
+    parser.add_argument("--datasets", type=Path, default=DATASETS)
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench_runs" / "quality")
     args = parser.parse_args()
 
@@ -54,11 +56,12 @@ def main() -> None:
 
     from pipelines import tracking
     from pipelines.config import config_from_mapping
-    from pipelines.datasets import load_split_tensors
-    from pipelines.stages.ingest import MANIFEST_NAME, ingest, read_manifest
-    from pipelines.stages.pretrain import eval_normalizer, run_pretrain
-    from ssl_core import augment, build_backbone, build_method
+    from pipelines.datasets import MANIFEST_NAME, load_split_tensors, read_manifest
+    from pipelines.pretraining import fit_pretraining
+    from pipelines.stages.ingest import ingest
+    from ssl_core import build_backbone
     from ssl_core.evaluate import extract_features
+    from ssl_core.training import ssl_objective
 
     args.work_dir.mkdir(parents=True, exist_ok=True)
     data_path = args.work_dir / "fashion_mnist"
@@ -76,23 +79,21 @@ def main() -> None:
                      "knn_bank_size": 5000, "log_every_steps": 20},
     }
 
-    # Calibrate: images/s of a few training steps in this process, to size the epochs to the budget.
+    # Calibrate: images/s of a few of the pipeline's training steps in this process, to size the epochs to the budget.
     config = config_from_mapping(values, base=args.work_dir)
-    method = build_method(args.method, config.method.config)
-    views = method.view_generator()
-    optimizer = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
-    images = torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)
-    started = time.perf_counter()
-    for _ in range(3):
-        loss = method.training_step(views(images)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    rate = 3 * args.batch_size / (time.perf_counter() - started)
+    cpu = torch.device("cpu")
+    pretrain = values["pretrain"]
+    m = build_model(Case(args.method, args.backbone, args.image_size, args.batch_size), cpu,
+                    settings=config.method.config, optimizer="adamw", lr=args.lr, weight_decay=pretrain["weight_decay"])
+    train_step = m.train_step(ssl_objective(m.method.view_generator(), cpu), total_steps=3)
+    batch = {"image": torch.randint(0, 256, (args.batch_size, 3, args.image_size, args.image_size), dtype=torch.uint8)}
+    generator = torch.Generator().manual_seed(0)
+    rate = images_per_second(lambda step: train_step(batch, step, generator), batch_size=args.batch_size, warmup=0,
+                             steps=3, device=cpu)
     train_rows = read_manifest(data_path)["splits"]["train"]["rows"]
     epochs = max(1, math.floor(args.budget_minutes * 60 * rate * 0.9 / train_rows))
-    values["pretrain"]["epochs"] = epochs
-    values["pretrain"]["knn_every"] = epochs
+    pretrain["epochs"] = epochs
+    pretrain["knn_every"] = epochs
     config = config_from_mapping(values, base=args.work_dir)
     print(f"calibration: {rate:.0f} images/s -> {epochs} epochs in a {args.budget_minutes:.0f}-minute budget", flush=True)
 
@@ -100,12 +101,12 @@ def main() -> None:
     started = time.perf_counter()
     with tracking.run(config.tracking, "quality-benchmark", {tracking.STAGE_TAG: "benchmark"},
                       params=config.to_dict()) as run_id:
-        record = run_pretrain(config, run_id, f"quality-{run_id}")
+        outcome = fit_pretraining(config, run_id, f"quality-{run_id}").return_value
     pretrain_minutes = (time.perf_counter() - started) / 60
     ray.shutdown()
 
-    encoder = tracking.load_torch_model(config.tracking, record["encoder_uri"])
-    normalize = eval_normalizer(augment.preset(args.method, args.image_size))
+    encoder = tracking.load_torch_model(config.tracking, outcome["encoder_uri"])
+    normalize = m.method.normalization()
     bank_images, bank_labels = load_split_tensors(data_path, "train", args.image_size)
     test_images, test_labels = load_split_tensors(data_path, "test", args.image_size)
     torch.manual_seed(0)

@@ -2,42 +2,40 @@
 
     python benchmarks/step_time.py [--batch-size 64] [--image-size 32] [--backbone resnet18] [--steps 5]
 
-MAE needs a ViT, so it runs with vit_tiny whatever --backbone says. Prints a table and the torch version/device.
+The step is the pipeline's (``ssl_core.training.TrainStep`` of ``ssl_objective``: on-device views, channels_last,
+bf16 autocast on CUDA, LARS), on random uint8 images already on the device. MAE needs a ViT, so it runs with
+vit_tiny whatever --backbone says; MoCo's queue and DINO's output have 4096 entries, DINO keeps its default local
+crops. Prints a table and the torch version/device.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from ssl_core import available_methods, build_method
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Case, backbone_for, build_model, device_synchronize, method_settings  # noqa: E402
+
+from ssl_core import available_methods  # noqa: E402
+from ssl_core.training import ssl_objective  # noqa: E402
 
 
 def step_seconds(name: str, backbone: str, batch_size: int, image_size: int, steps: int, device: torch.device) -> float:
-    config = {"backbone": "vit_tiny" if name == "mae" else backbone, "image_size": image_size}
-    if name == "moco":
-        config["queue_size"] = 4096
-    if name == "dino":
-        config["out_dim"] = 4096
-    method = build_method(name, config).to(device)
-    views = method.view_generator()
-    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-    images = torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)
+    case = Case(name, backbone_for(name, backbone), image_size, batch_size)
+    m = build_model(case, device, settings=method_settings(name, backbone, image_size, num_local_crops=None))
+    train_step = m.train_step(ssl_objective(m.method.view_generator(), device), steps + 1)
+    batch = {"image": torch.randint(0, 256, (batch_size, 3, image_size, image_size), dtype=torch.uint8, device=device)}
     generator = torch.Generator().manual_seed(0)
     timings = []
     for step in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        device_synchronize(device)
         started = time.perf_counter()
-        loss = method.training_step(views(images, generator)).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        method.on_after_optimizer_step(step, steps + 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        train_step(batch, step, generator)
+        device_synchronize(device)
         timings.append(time.perf_counter() - started)
     return sorted(timings[1:])[len(timings[1:]) // 2]  # median, first step (warm-up) excluded
 
@@ -56,8 +54,8 @@ def main() -> None:
     print(f"{'method':<14}{'backbone':<11}{'s/step':>8}{'images/s':>10}")
     for name in args.methods:
         seconds = step_seconds(name, args.backbone, args.batch_size, args.image_size, args.steps, device)
-        backbone = "vit_tiny" if name == "mae" else args.backbone
-        print(f"{name:<14}{backbone:<11}{seconds:>8.3f}{args.batch_size / seconds:>10.1f}", flush=True)
+        print(f"{name:<14}{backbone_for(name, args.backbone):<11}{seconds:>8.3f}{args.batch_size / seconds:>10.1f}",
+              flush=True)
 
 
 if __name__ == "__main__":

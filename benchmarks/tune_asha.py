@@ -13,16 +13,20 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO  # noqa: E402
 
 
-def search(scheduler: str, args: argparse.Namespace, workdir: Path) -> dict:
+def search(scheduler: str, args: argparse.Namespace, workdir: Path):
+    """The tune stage's ``TuneRecord`` of one search."""
     from pipelines import tracking
     from pipelines.config import config_from_mapping
-    from pipelines.stages.ingest import MANIFEST_NAME, ingest
-    from pipelines.stages.tune import run_tune
+    from pipelines.datasets import MANIFEST_NAME
+    from pipelines.stages import tune
+    from pipelines.stages.ingest import ingest
 
     data = workdir / "digits"
     if not (data / MANIFEST_NAME).is_file():
@@ -43,7 +47,7 @@ def search(scheduler: str, args: argparse.Namespace, workdir: Path) -> dict:
     })
     tracking.ensure_experiment(cfg.tracking)
     with tracking.run(cfg.tracking, f"tune-{scheduler}", {tracking.STAGE_TAG: "tune"}) as run_id:
-        return run_tune(cfg, run_id)
+        return tune.run(cfg, run_id, {})
 
 
 def main() -> None:
@@ -66,13 +70,13 @@ def main() -> None:
           f"{args.cpus} CPUs, workers of {args.cpus_per_worker} CPU")
     print(f"{'scheduler':<10} {'wall s':>8} {'completed':>10} {'stopped':>8} {'errored':>8} {'best knn_top1':>14}")
     for scheduler, record in results.items():
-        trials = record["trials"]
-        print(f"{scheduler:<10} {record['search_seconds']:>8.1f} {trials['completed']:>10} "
-              f"{trials['stopped_early']:>8} {trials['errored']:>8} {record['best_value']:>14.4f}")
+        trials = record.trials
+        print(f"{scheduler:<10} {record.search_seconds:>8.1f} {trials['completed']:>10} "
+              f"{trials['stopped_early']:>8} {trials['errored']:>8} {record.best_value:>14.4f}")
     asha, none = results["asha"], results["none"]
-    print(f"tune {args.trials} trials x {args.epochs} epochs cpu{args.cpus}: asha={asha['search_seconds']:.0f}s "
-          f"none={none['search_seconds']:.0f}s speedup={none['search_seconds'] / asha['search_seconds']:.2f} "
-          f"best_asha={asha['best_value']:.4f} best_none={none['best_value']:.4f}")
+    print(f"tune {args.trials} trials x {args.epochs} epochs cpu{args.cpus}: asha={asha.search_seconds:.0f}s "
+          f"none={none.search_seconds:.0f}s speedup={none.search_seconds / asha.search_seconds:.2f} "
+          f"best_asha={asha.best_value:.4f} best_none={none.best_value:.4f}")
 
 
 if __name__ == "__main__":
