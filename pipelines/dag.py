@@ -56,6 +56,9 @@ class Stage:
     num_cpus: float = 0.0
     reusable: bool = True
     enabled_by: str | None = None
+    output_version: int = 0
+    """Raised when what the stage writes changes incompatibly (finetune and distill: 1, their models became
+    ``ssl_core.classifier.Classifier``); part of the fingerprint when not 0, so older runs are not reused."""
 
     def run(self, cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> StageRecord:
         """``pipelines.stages.<name>.run``, imported when the stage runs (the driver never loads torch for it)."""
@@ -72,9 +75,9 @@ STAGES: dict[str, Stage] = {
               PretrainRecord),
         Stage("evaluate", ("ingest", "pretrain"), ("evaluate",), EvaluateRecord, num_cpus=0.5),
         Stage("finetune", ("ingest", "pretrain"), ("finetune", "scaling.num_workers", "scaling.use_gpu"),
-              ClassifierRecord),
+              ClassifierRecord, output_version=1),
         Stage("distill", ("ingest", "finetune"), ("distill", "scaling.num_workers", "scaling.use_gpu"),
-              ClassifierRecord),
+              ClassifierRecord, output_version=1),
         Stage("register", ("ingest", "finetune", "distill"), ("registry",), RegisterRecord),
         Stage("promote", ("register",), ("registry",), PromoteRecord, reusable=False),
     )
@@ -119,6 +122,8 @@ def fingerprint(stage: Stage, config: dict[str, Any], upstream: dict[str, str], 
         "upstream": upstream,
         "dataset": dataset_hash if stage.name != "ingest" else None,
     }
+    if stage.output_version:
+        payload["output_version"] = stage.output_version
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
