@@ -321,7 +321,8 @@ def test_pipeline_on_two_node_cluster_with_mlflow_server_survives_a_lost_node(re
         cluster.wait_mlflow()
         config_path = root / "cluster.yaml"
         config_path.write_text(yaml.safe_dump(cluster_config(cluster)))
-        client = MlflowClient(cluster.mlflow_uri)
+        # The registry URI explicitly too: MlflowClient takes it from mlflow's process-wide default otherwise.
+        client = MlflowClient(tracking_uri=cluster.mlflow_uri, registry_uri=cluster.mlflow_uri)
 
         # Run 1: kill node b's raylet once pretrain has a checkpoint, with one worker on each node.
         first = cluster.submit("job1", config_path)  # Train waits for node b's slot if the job gets there first

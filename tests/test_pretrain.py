@@ -41,6 +41,7 @@ def _config(tmp_path: Path, digits: Path, method: str, **pretrain):
             "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "runs")},
             "pretrain": {"epochs": 2, "batch_size": 64, "optimizer": "adamw", "lr": 2e-3, "warmup_epochs": 0.5,
                          "log_every_steps": 5, **pretrain},
+            "finetune": {"head_layers": 0},  # not fine-tuned here; rotation has no projection head
         },
         base=tmp_path,
     )
