@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_core import build_method
-from ssl_core.device import compile_or_eager, uses_channels_last
+from ssl_core.device import compile_or_eager, model_to_memory_format
 from ssl_core.methods import MethodConfig, SSLMethod
 from ssl_core.optim import build_optimizer, scaled_lr, warmup_cosine
 from ssl_core.training import Objective, TrainStep
@@ -97,9 +97,7 @@ def build_model(case: Case, device: torch.device, compile_model: bool = False,
     (default: LARS at ``BASE_LR`` x batch / 256)."""
     torch.manual_seed(0)
     settings = settings if settings is not None else method_settings(case.method, case.backbone, case.image_size)
-    method = build_method(case.method, settings).to(device)
-    if uses_channels_last(device):
-        method = method.to(memory_format=torch.channels_last)
+    method = model_to_memory_format(build_method(case.method, settings).to(device), device)
     lr = lr if lr is not None else scaled_lr(BASE_LR, case.batch_size, "linear")
     return Model(method, compile_or_eager(method) if compile_model else method,
                  build_optimizer(method.param_groups(weight_decay), optimizer, lr, weight_decay), lr, device)

@@ -61,7 +61,8 @@ class Stage:
     ``ssl_core.classifier.Classifier``); part of the fingerprint when not 0, so older runs are not reused."""
 
     def run(self, cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> StageRecord:
-        """``pipelines.stages.<name>.run``, imported when the stage runs (the driver never loads torch for it)."""
+        """``pipelines.stages.<name>.run``, imported when the stage runs (planning, a dry run and ``sslflow ls``
+        do not import Ray Train)."""
         return importlib.import_module(f"pipelines.stages.{self.name}").run(cfg, run_id, inputs)
 
 
@@ -201,7 +202,8 @@ def execute_stage(stage_name: str, config: dict[str, Any], fingerprint_value: st
         tracking.UPSTREAM_TAG: json.dumps({name: record.run_id for name, record in inputs.items()}),
         tracking.PIPELINE_TAG: cfg.name,
     }
-    params = {key: config_value(cfg.to_dict(), key) for key in stage.config_keys}
+    values = cfg.to_dict()
+    params = {key: config_value(values, key) for key in stage.config_keys}
     with tracking.run(cfg.tracking, stage_name, tags, pipeline_run_id, params) as run_id:
         record = dataclasses.replace(stage.run(cfg, run_id, inputs), run_id=run_id, fingerprint=fingerprint_value)
         tracking.set_tags(cfg.tracking, run_id, {tracking.RECORD_TAG: record.to_json()})

@@ -55,10 +55,10 @@ def check_test_split(data_path: str) -> None:
         raise ValueError(f"{data_path} has no labeled test rows to measure test_top1 on")
 
 
-def test_top1(model: Classifier, cfg: PipelineConfig, device: torch.device) -> float:
-    """Top-1 of ``model`` on the labeled rows of the test split."""
+def test_top1(cfg: PipelineConfig, device: torch.device, *models: Classifier) -> list[float]:
+    """Top-1 of each of ``models`` on the labeled rows of the test split (decoded once)."""
     images, labels = load_split_tensors(cfg.data.path, "test", cfg.data.image_size, labeled_only=True)
-    return top1_accuracy(model, images, labels, device)
+    return [top1_accuracy(model, images, labels, device) for model in models]
 
 
 def finish(cfg: PipelineConfig, run_id: str, model: Classifier, model_name: str, results: dict[str, float],

@@ -35,7 +35,7 @@ from torch import nn
 from pipelines import tracking
 from pipelines.config import TrackingConfig
 from ssl_core import optim
-from ssl_core.device import compile_or_eager, uses_channels_last
+from ssl_core.device import compile_or_eager, model_to_memory_format
 from ssl_core.training import BatchPlan, Objective, TrainStep, seed_epoch
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -134,8 +134,7 @@ def train(
     state = load_checkpoint_state()
     if state is not None:
         model.load_state_dict(state["model"])
-    if uses_channels_last(info.device):
-        model = model.to(memory_format=torch.channels_last)
+    model = model_to_memory_format(model, info.device)
     wrapped = ray.train.torch.prepare_model(model)
     if spec.compile:
         wrapped = compile_or_eager(wrapped)

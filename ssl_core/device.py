@@ -30,6 +30,11 @@ def uses_channels_last(device: torch.device) -> bool:
     return device.type in ("cuda", "cpu")
 
 
+def model_to_memory_format(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` (moved in place) in channels_last where ``uses_channels_last``; unchanged elsewhere."""
+    return model.to(memory_format=torch.channels_last) if uses_channels_last(device) else model
+
+
 def images_to_memory_format(images: Tensor, device: torch.device) -> Tensor:
     """A (B, C, H, W) batch in channels_last where ``uses_channels_last``; unchanged elsewhere."""
     return images.contiguous(memory_format=torch.channels_last) if uses_channels_last(device) else images

@@ -65,12 +65,11 @@ def check_value(config_cls: type, name: str, value: Any, path: str | None = None
         raise FieldValueError(name, value, f"is out of range [{lo}, {hi}]", where)
 
 
-def validate_config(config: Any, path: str | None = None) -> None:
+def validate_config(config: Any) -> None:
     """Check every bounded field of a dataclass instance; raise ``FieldValueError`` naming the first bad one."""
-    prefix = path or type(config).__name__
     for f in dataclasses.fields(config):
         if "low" in f.metadata:
-            check_value(type(config), f.name, getattr(config, f.name), f"{prefix}.{f.name}")
+            check_value(type(config), f.name, getattr(config, f.name))
 
 
 class Validated:
@@ -85,15 +84,12 @@ class Validated:
 
 
 def config_from_dict(config_cls: type[C], values: Mapping[str, Any] | None, path: str = "method") -> C:
-    """Build ``config_cls`` from a mapping (types coerced, then validated by construction); unknown keys and bad
-    values raise ``ValueError`` naming their key path under ``path``."""
+    """Build the ``Validated`` ``config_cls`` from a mapping (types coerced, then validated by construction);
+    unknown keys and bad values raise ``ValueError`` naming their key path under ``path``."""
     try:
-        config = config_cls(**_coerce_fields(config_cls, values, path))
+        return config_cls(**_coerce_fields(config_cls, values, path))
     except FieldValueError as error:
         raise error.at(path) from None
-    if not isinstance(config, Validated):
-        validate_config(config, path)
-    return config
 
 
 def replace_config(config: C, values: Mapping[str, Any], path: str) -> C:

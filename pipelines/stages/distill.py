@@ -28,7 +28,7 @@ from pipelines.ray_train import fit, train_run_name
 from pipelines.records import ClassifierRecord, StageRecord
 from pipelines.train_loop import train, worker_info
 from ssl_core.classifier import Classifier, student_classifier
-from ssl_core.device import uses_channels_last
+from ssl_core.device import model_to_memory_format
 from ssl_core.losses import DistillationLoss
 from ssl_core.methods import StepOutput
 from ssl_core.training import Objective
@@ -78,8 +78,7 @@ def _frozen_teacher(job: DistillJob, device: torch.device) -> Classifier:
     teacher = tracking.load_torch_model(job.config.tracking, job.teacher_uri)
     if not isinstance(teacher, Classifier):
         raise TypeError(f"teacher {job.teacher_uri} is a {type(teacher).__name__}, not an ssl_core Classifier")
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    return teacher.to(memory_format=torch.channels_last) if uses_channels_last(device) else teacher
+    return model_to_memory_format(teacher.to(device).eval().requires_grad_(False), device)
 
 
 def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
@@ -99,8 +98,7 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
                        info, tracking_config=cfg.tracking, run_id=job.run_id)
     if not info.is_chief:
         return None
-    student_top1 = supervised.test_top1(student, cfg, info.device)
-    teacher_top1 = supervised.test_top1(teacher, cfg, info.device)
+    student_top1, teacher_top1 = supervised.test_top1(cfg, info.device, student, teacher)
     results = {"teacher_test_top1": teacher_top1, "student_test_top1": student_top1, "test_top1": student_top1}
     print(f"[distill] test top-1: teacher {teacher_top1:.4f}, student {student_top1:.4f}", flush=True)
     return supervised.finish(cfg, job.run_id, student, "student", results, d.epochs)

@@ -66,8 +66,8 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
     model, _ = train(model, cross_entropy, spec, info, tracking_config=cfg.tracking, run_id=job.run_id)
     if not info.is_chief:
         return None
-    results = {"test_top1": supervised.test_top1(model, cfg, info.device), "label_fraction": f.label_fraction,
-               "num_labeled": job.num_labeled}
+    [top1] = supervised.test_top1(cfg, info.device, model)
+    results = {"test_top1": top1, "label_fraction": f.label_fraction, "num_labeled": job.num_labeled}
     print(f"[finetune] test top-1 {results['test_top1']:.4f} ({job.num_labeled} labeled rows)", flush=True)
     return supervised.finish(cfg, job.run_id, model, "classifier", results, f.epochs)
 
