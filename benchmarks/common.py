@@ -136,16 +136,12 @@ def images_per_second(step: Callable[[int], None], *, batch_size: int, warmup: i
 
 
 def start_ray(cpus: int, gpus: int) -> None:
-    """``ray.init`` of a local Ray for the benchmarks, with its workers at the driver's CPU priority.
+    """A local Ray for the benchmarks, started as the CLI starts it (``pipelines.ray_train.init_ray``: workers at the
+    driver's CPU priority, not Ray's default nice 15, which on a busy machine would slow the Ray path (b) against
+    the variants that run in the benchmark's own process)."""
+    from pipelines.ray_train import init_ray
 
-    Ray starts its worker processes at nice 15 (``RAY_worker_niceness``) so that its own daemons stay responsive.
-    On a dedicated machine that changes nothing; on a busy one it would slow the Ray path (b) against the variants
-    that run in the benchmark's own process, so the benchmarks set it to 0 unless it is already set.
-    """
-    import ray
-
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, log_to_driver=False)
 
 
 def default_cpus_per_worker(cpus: float, workers: int) -> float:

@@ -58,6 +58,7 @@ def main() -> None:
     from pipelines.config import config_from_mapping
     from pipelines.datasets import MANIFEST_NAME, load_split_tensors, read_manifest
     from pipelines.pretraining import fit_pretraining
+    from pipelines.ray_train import init_ray
     from pipelines.stages.ingest import ingest
     from ssl_core import build_backbone
     from ssl_core.evaluate import extract_features
@@ -97,7 +98,7 @@ def main() -> None:
     config = config_from_mapping(values, base=args.work_dir)
     print(f"calibration: {rate:.0f} images/s -> {epochs} epochs in a {args.budget_minutes:.0f}-minute budget", flush=True)
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+    init_ray(num_cpus=2, include_dashboard=False, log_to_driver=True)  # as the CLI: workers at nice 0
     started = time.perf_counter()
     with tracking.run(config.tracking, "quality-benchmark", {tracking.STAGE_TAG: "benchmark"},
                       params=config.to_dict()) as run_id:

@@ -63,7 +63,9 @@ def main() -> None:
     import ray
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=args.cpus, include_dashboard=True, log_to_driver=False)
+    from pipelines.ray_train import init_ray
+
+    init_ray(num_cpus=args.cpus, include_dashboard=True, log_to_driver=False)  # as the CLI: workers at nice 0
     workdir = Path(args.workdir)
     results = {scheduler: search(scheduler, args, workdir) for scheduler in ("asha", "none")}
     print(f"\n{args.trials} trials x {args.epochs} epochs, SimCLR {args.backbone} on digits 16px, "

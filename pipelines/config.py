@@ -24,6 +24,7 @@ import yaml
 from ssl_core.backbones import BACKBONES
 from ssl_core.hparams import FieldValueError, Validated, bounded, config_from_dict, replace_config
 from ssl_core.methods import METHODS, MethodConfig, check_finetune_head_layers, method_config
+from ssl_core.semi.config import SemiConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 QUICKSTART = CONFIG_DIR / "quickstart.yaml"
@@ -43,13 +44,24 @@ class TrackingConfig(Validated):
 
 @dataclass(frozen=True)
 class DataConfig(Validated):
-    """Where the Parquet dataset comes from (``source``) and lives (``path``), and the training image size."""
+    """Where the Parquet dataset comes from (``source``) and lives (``path``), and the training image size.
+    ``npz_keys`` names the arrays of an ``.npz`` source by role (``{x: train_images, y_test: labels_test}``; roles
+    ``x``, ``y``, ``x_test``, ``y_test``) when they are not among the common names ``ssl_core.sources`` knows."""
 
     source: str = "builtin:digits"
     path: str = "data/digits"
     image_size: int = bounded(32, 8, 1024)
     val_fraction: float = bounded(0.1, 0.0, 0.5)
     seed: int = 0
+    npz_keys: dict[str, str] = field(default_factory=dict)
+
+    def check(self) -> None:
+        from ssl_core.sources import NPZ_KEY_NAMES
+
+        for role, name in self.npz_keys.items():
+            if role not in NPZ_KEY_NAMES or not isinstance(name, str) or not name:
+                raise FieldValueError(f"npz_keys.{role}", name, f"is not allowed: roles {', '.join(NPZ_KEY_NAMES)}, "
+                                      "each naming an array of the .npz")
 
 
 @dataclass(frozen=True)
@@ -66,7 +78,10 @@ class MethodSection:
 
 @dataclass(frozen=True)
 class ScalingSection(Validated):
-    """Ray Train workers. On small CPU machines keep ``cpus_per_worker`` below 1 so Ray Data readers get a CPU.
+    """Ray Train workers. Each CPU worker runs ``worker_threads(cpus_per_worker, torch_threads)`` torch intra-op
+    threads (``pipelines.train_loop``): ``torch_threads`` when set, else ``max(1, floor(cpus_per_worker))``, so a
+    worker never computes on more cores than Ray reserved for it and the rest of the node stays with the Ray Data
+    readers (measured in ``benchmarks/threads.py``; the README's "Threads per worker" gives the table).
 
     ``storage_path`` (Ray Train checkpoints): the config's value, else ``$SSLFLOW_STORAGE_PATH``, else
     ``sslflow_runs``; a local path is made absolute, a URI (``s3://``, ``gs://``) is kept as it is.
@@ -78,6 +93,8 @@ class ScalingSection(Validated):
     gpus_per_worker: float = bounded(1.0, 0.0, 16)
     storage_path: str = "sslflow_runs"
     max_failures: int = bounded(1, 0, 100)
+    torch_threads: int = bounded(0, 0, 1024)
+    """Torch intra-op threads per CPU worker; 0: ``max(1, floor(cpus_per_worker))``."""
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each worker also requests (e.g. ``{accelerator_type:A10G: 0.01}`` or a per-node slot)."""
 
@@ -111,6 +128,13 @@ class PretrainSection(Validated):
     seed: int = 0
     inject_failure_at_epoch: int | None = None
     inject_nan_at_step: int | None = None
+
+    def check(self) -> None:
+        # Refused, not clamped: a warmup longer than the run means the schedule the user wrote never happens.
+        if self.warmup_epochs > self.epochs:
+            raise FieldValueError("warmup_epochs", self.warmup_epochs,
+                                  f"exceeds pretrain.epochs={self.epochs}: the learning-rate warmup must end "
+                                  "within the run (set warmup_epochs <= epochs)")
 
 
 @dataclass(frozen=True)
@@ -157,12 +181,37 @@ class EvaluateSection(Validated):
 
 @dataclass(frozen=True)
 class FinetuneSection(Validated):
+    """Fine-tuning on labeled fractions of the train split. ``label_fractions`` (e.g. ``[0.01, 0.1, 1.0]``) runs one
+    nested MLflow run per fraction; empty means ``[label_fraction]``. ``label_fraction`` names the fraction whose
+    teacher is the stage's record (``test_top1``, ``model_uri``: what register registers) and must be one of them.
+    ``semi`` adds unlabeled rows (``ssl_core.semi.SemiConfig``; ``algorithm: none`` trains on the labeled rows only).
+    """
+
     label_fraction: float = bounded(0.1, 0.0001, 1.0)
+    label_fractions: tuple[float, ...] = ()
     epochs: int = bounded(30, 1, 10000)
     batch_size: int = bounded(128, 2, 65536)
     lr: float = bounded(0.01, 0.0, 100.0)
     weight_decay: float = bounded(0.0, 0.0, 1.0)
     head_layers: int = bounded(1, 0, 4)
+    semi: SemiConfig = field(default_factory=SemiConfig)
+
+    @property
+    def fractions(self) -> tuple[float, ...]:
+        """The labeled fractions fine-tuned, in the configured order."""
+        return self.label_fractions or (self.label_fraction,)
+
+    def check(self) -> None:
+        for fraction in self.label_fractions:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0001 <= fraction <= 1.0:
+                raise FieldValueError("label_fractions", list(self.label_fractions),
+                                      "must hold numbers in [0.0001, 1.0]")
+        if len(set(self.label_fractions)) != len(self.label_fractions):
+            raise FieldValueError("label_fractions", list(self.label_fractions), "holds a fraction twice")
+        if self.label_fractions and self.label_fraction not in self.label_fractions:
+            raise FieldValueError("label_fraction", self.label_fraction,
+                                  f"is not one of finetune.label_fractions={list(self.label_fractions)} (it names "
+                                  "the fraction whose teacher the stage records)")
 
 
 @dataclass(frozen=True)
@@ -174,8 +223,14 @@ class DistillSection(Validated):
     weight_decay: float = bounded(0.0, 0.0, 1.0)
     temperature: float = bounded(1.0, 0.01, 100.0)
     labeled_loss_weight: float = bounded(0.0, 0.0, 1.0)
+    teacher_fraction: float | None = None
+    """The labeled fraction whose fine-tuned teacher is distilled (one of ``finetune.fractions``); None: the
+    fine-tune stage's ``label_fraction``."""
 
     def check(self) -> None:
+        if self.teacher_fraction is not None and (isinstance(self.teacher_fraction, bool) or not isinstance(
+                self.teacher_fraction, (int, float))):
+            raise FieldValueError("teacher_fraction", self.teacher_fraction, "must be a number or null")
         if self.student_backbone not in BACKBONES:
             raise FieldValueError("student_backbone", self.student_backbone,
                                   f"is unknown; known: {', '.join(BACKBONES.names())}")
@@ -224,6 +279,9 @@ class PipelineConfig:
                     raise ValueError(f"an overlay may change method.config only, not method.{sorted(unknown)[0]}")
                 changes[section] = dataclasses.replace(
                     current, config=replace_config(current.config, values.get("config", {}), "method.config"))
+            elif section == "finetune" and isinstance(values.get("semi"), Mapping):
+                semi = replace_config(current.semi, values["semi"], "finetune.semi")
+                changes[section] = replace_config(current, {**values, "semi": semi}, section)
             else:
                 changes[section] = replace_config(current, values, section)
         return dataclasses.replace(self, **changes)
@@ -292,6 +350,17 @@ def _method_section(raw: Mapping[str, Any], image_size: int) -> MethodSection:
     return MethodSection(name, method_config(name, {**values, "image_size": image_size}, "method.config"))
 
 
+def _with_semi_config(finetune: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The raw finetune section with its ``semi`` mapping built into a ``SemiConfig`` (errors name
+    ``finetune.semi.<key>``)."""
+    if "semi" not in finetune:
+        return finetune
+    semi = finetune["semi"] or {}
+    if not isinstance(semi, Mapping):
+        raise ValueError(f"finetune.semi must be a mapping, got {type(semi).__name__}")
+    return {**finetune, "semi": config_from_dict(SemiConfig, semi, path="finetune.semi")}
+
+
 def config_from_mapping(values: Mapping[str, Any], base: Path | None = None) -> PipelineConfig:
     """Validate a nested mapping into a ``PipelineConfig``; raise ``ValueError`` naming the bad key path.
     Relative paths are resolved against ``base`` (default: the working directory)."""
@@ -305,6 +374,7 @@ def config_from_mapping(values: Mapping[str, Any], base: Path | None = None) -> 
     for key, section in raw.items():
         if not isinstance(section, Mapping):
             raise ValueError(f"{key} must be a mapping, got {type(section).__name__}")
+    raw["finetune"] = _with_semi_config(raw["finetune"])
     sections: dict[str, Any] = {}
     for key, cls in SECTIONS.items():
         if key != "method":
@@ -317,6 +387,10 @@ def config_from_mapping(values: Mapping[str, Any], base: Path | None = None) -> 
         check_finetune_head_layers(sections["method"].name, sections["method"].config, sections["finetune"].head_layers)
     except FieldValueError as error:
         raise error.at("finetune") from None
+    teacher_fraction = sections["distill"].teacher_fraction
+    if teacher_fraction is not None and teacher_fraction not in sections["finetune"].fractions:
+        raise ValueError(f"distill.teacher_fraction={teacher_fraction!r} is not one of the fine-tuned fractions "
+                         f"{list(sections['finetune'].fractions)}")
     sections["data"] = dataclasses.replace(sections["data"], path=_resolve_path(sections["data"].path, base))
     storage_path = sections["scaling"].storage_path
     if "storage_path" not in raw["scaling"] and os.environ.get(STORAGE_PATH_ENV):
@@ -328,6 +402,7 @@ def config_from_mapping(values: Mapping[str, Any], base: Path | None = None) -> 
         raise ValueError("name must be a non-empty string")
     config = PipelineConfig(name=name, **sections)
     if config.tune.enabled:
+        _check_tune_trial(config)
         _check_search(config)
     return config
 
@@ -351,6 +426,14 @@ def search_space(cfg: PipelineConfig, train_rows: int) -> tuple[dict[str, Any], 
     if shared_dims:
         param_space["pretrain"] = shared_dims
     return param_space, metric, mode
+
+
+def _check_tune_trial(cfg: PipelineConfig) -> None:
+    """A Tune trial pretrains for ``tune.epochs`` with the pretrain section's warmup (``trial_overlay``)."""
+    if cfg.pretrain.warmup_epochs > cfg.tune.epochs:
+        raise FieldValueError("warmup_epochs", cfg.pretrain.warmup_epochs,
+                              f"exceeds tune.epochs={cfg.tune.epochs}: every Tune trial pretrains for tune.epochs, "
+                              "and the learning-rate warmup must end within it", "pretrain.warmup_epochs")
 
 
 def _check_search(cfg: PipelineConfig) -> None:

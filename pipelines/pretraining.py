@@ -1,10 +1,11 @@
 """Pretraining on Ray Train workers (DDP): any ``ssl_core`` method, data from Parquet through Ray Data. Used by the
 pretrain stage and by every Tune trial.
 
-``fit_pretraining`` is the driver: it builds the ``TorchTrainer`` over the train split and returns Ray's result;
-``train_func`` is the Ray boundary (one call per worker): the method's ``ssl_objective`` in the worker loop
-(``pipelines.train_loop``), the kNN monitor on rank 0, and on rank 0 at the end the encoder logged as an MLflow
-PyTorch model.
+``fit_pretraining`` is the driver: it builds the ``TorchTrainer`` over every image of the train and val splits and
+returns Ray's result; ``train_func`` is the Ray boundary (one call per worker): the method's ``ssl_objective`` in the
+worker loop (``pipelines.train_loop``), the kNN monitor on rank 0 (``pipelines.knn_monitor``: which labeled rows it
+uses, or why it is off, printed once and tagged on the run), and on rank 0 at the end the encoder logged as an
+MLflow PyTorch model.
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ from typing import Any
 
 import ray
 import torch
-from torch import nn
 
 from pipelines import tracking
 from pipelines.config import PipelineConfig, from_dict
-from pipelines.datasets import load_split_tensors, read_manifest, read_split
+from pipelines.datasets import read_manifest, read_split
+from pipelines.knn_monitor import KNN_MONITOR_TAG, KnnMonitor, monitor_plan, pretrain_rows, pretrain_splits
 from pipelines.ray_train import fit
 from pipelines.train_loop import LoopSpec, train, worker_info
-from ssl_core.augment import Normalization
-from ssl_core.evaluate import extract_features, knn_accuracy
 from ssl_core.methods import build_method
 from ssl_core.optim import scaled_lr
 from ssl_core.training import batch_plan, ssl_objective
@@ -39,36 +38,6 @@ class PretrainJob:
     run_name: str
     train_rows: int
     log_model: bool = True
-
-
-class KnnMonitor:
-    """Weighted kNN top-1 of the encoder: a labeled bank from the train split, queries from the val split."""
-
-    def __init__(self, cfg: PipelineConfig, normalization: Normalization, device: torch.device) -> None:
-        p = cfg.pretrain
-        bank_images, bank_labels = load_split_tensors(cfg.data.path, "train", cfg.data.image_size, labeled_only=True)
-        if len(bank_labels) > p.knn_bank_size:
-            keep = torch.randperm(len(bank_labels), generator=torch.Generator().manual_seed(p.seed))[: p.knn_bank_size]
-            bank_images, bank_labels = bank_images[keep], bank_labels[keep]
-        self.bank_images, self.bank_labels = bank_images, bank_labels
-        self.val_images, self.val_labels = load_split_tensors(cfg.data.path, "val", cfg.data.image_size,
-                                                              labeled_only=True)
-        self.num_classes = int(torch.cat([bank_labels, self.val_labels]).max()) + 1
-        self.normalization, self.device, self.k, self.temperature = normalization, device, p.knn_k, p.knn_temperature
-
-    def __call__(self, encoder: nn.Module) -> float:
-        bank = extract_features(encoder, self.bank_images, device=self.device, normalize=self.normalization)
-        queries = extract_features(encoder, self.val_images, device=self.device, normalize=self.normalization)
-        # kNN on the worker's device (extract_features returns CPU features).
-        accuracy = knn_accuracy(bank.to(self.device), self.bank_labels, queries.to(self.device), self.val_labels,
-                                num_classes=self.num_classes, k=self.k, temperature=self.temperature)
-        return accuracy["top1"]
-
-    @staticmethod
-    def has_data(data_path: str) -> bool:
-        """Labeled train rows for the bank and labeled val rows for the queries."""
-        splits = read_manifest(data_path)["splits"]
-        return splits.get("val", {}).get("labeled", 0) > 0 and splits["train"].get("labeled", 0) > 0
 
 
 def _failure_marker(cfg: PipelineConfig, run_name: str) -> Path:
@@ -90,10 +59,10 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train worker. Returns (on rank 0) ``{"metrics", "encoder_uri"}``."""
     job = from_dict(PretrainJob, values)
     cfg, p = job.config, job.config.pretrain
-    info = worker_info(cfg.scaling.cpus_per_worker)
+    info = worker_info(cfg.scaling.cpus_per_worker, cfg.scaling.torch_threads, "pretrain")
     if job.run_id is not None:  # every rank records its Ray node: placement across nodes shows in the run's tags
         tracking.set_tags(cfg.tracking, job.run_id, {tracking.node_tag(info.rank): ray.get_runtime_context().get_node_id()})
-    method = build_method(cfg.method.name, cfg.method.config)
+    method = build_method(cfg.method.name, cfg.method.config, train_rows=job.train_rows)
     plan = batch_plan(job.train_rows, p.batch_size, info.world_size, "pretrain.batch_size", shrink=False)
     global_batch = plan.per_worker_batch * info.world_size
     lr = scaled_lr(p.lr, global_batch, p.lr_scaling)
@@ -105,8 +74,15 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
         compile=p.compile, nan_at_step=p.inject_nan_at_step,
     )
     monitor = None
-    if info.is_chief and KnnMonitor.has_data(cfg.data.path):
-        monitor = KnnMonitor(cfg, method.normalization(), info.device)
+    if info.is_chief:
+        monitor_choice = monitor_plan(read_manifest(cfg.data.path))
+        print(f"[pretrain] {monitor_choice.description}", flush=True)
+        if job.run_id is not None:
+            tracking.set_tags(cfg.tracking, job.run_id, {KNN_MONITOR_TAG: monitor_choice.description})
+        if monitor_choice.mode != "off":
+            monitor = KnnMonitor(cfg.data.path, monitor_choice, cfg.data.image_size,
+                                 normalization=method.normalization(), device=info.device, k=p.knn_k,
+                                 temperature=p.knn_temperature, bank_size=p.knn_bank_size, seed=p.seed)
 
     def knn(epoch: int) -> dict[str, float]:
         due = monitor is not None and (epoch % p.knn_every == 0 or epoch == p.epochs)
@@ -127,11 +103,20 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
     return {"metrics": metrics, "encoder_uri": encoder_uri}
 
 
+def check_pretrain_batch(cfg: PipelineConfig, manifest: dict) -> None:
+    """``ValueError`` naming ``pretrain.batch_size`` unless the rows pretraining reads fill one batch per worker."""
+    batch_plan(pretrain_rows(manifest), cfg.pretrain.batch_size, max(1, cfg.scaling.num_workers),
+               "pretrain.batch_size", shrink=False)
+
+
 def fit_pretraining(cfg: PipelineConfig, run_id: str | None, run_name: str, *, callbacks: list[Any] | None = None,
                     log_model: bool = True):
-    """Driver: pretrain ``cfg``'s method on its train split as the Ray Train run ``run_name``; returns Ray's
-    ``Result`` (``return_value`` = rank 0's ``{"metrics", "encoder_uri"}``). ``log_model=False`` (Tune trials)
-    skips logging the encoder; ``callbacks`` are Ray Train callbacks (Tune's report callback)."""
-    job = PretrainJob(cfg, run_id, run_name, read_manifest(cfg.data.path)["splits"]["train"]["rows"], log_model)
-    dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size)
+    """Driver: pretrain ``cfg``'s method on every image of its train and val splits (``pretrain_splits``) as the Ray
+    Train run ``run_name``; returns Ray's ``Result`` (``return_value`` = rank 0's ``{"metrics", "encoder_uri"}``).
+    ``log_model=False`` (Tune trials) skips logging the encoder; ``callbacks`` are Ray Train callbacks (Tune's report
+    callback). A batch that the rows cannot fill raises ``ValueError`` here, before any worker starts."""
+    manifest = read_manifest(cfg.data.path)
+    check_pretrain_batch(cfg, manifest)
+    job = PretrainJob(cfg, run_id, run_name, pretrain_rows(manifest), log_model)
+    dataset = read_split(cfg.data.path, pretrain_splits(manifest), image_size=cfg.data.image_size)
     return fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset}, callbacks)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -9,6 +10,25 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from pipelines.config import ScalingSection
+
+
+WORKER_NICENESS_ENV = "RAY_worker_niceness"
+WORKER_NICENESS = "0"
+"""Ray starts its worker processes at nice 15 by default so that its own daemons stay responsive; training then loses
+the CPU to anything else on the machine. A Ray that sslflow starts (the CLI, the benchmarks) runs its workers at
+the driver's priority instead; set ``RAY_worker_niceness`` yourself to choose another value. A cluster that sslflow
+joins (``RAY_ADDRESS``, ``ray job submit``) keeps the niceness its ``ray start`` was given."""
+
+
+def init_ray(**kwargs: Any) -> None:
+    """``ray.init(**kwargs)`` with the workers' niceness at ``WORKER_NICENESS`` unless ``RAY_worker_niceness`` is set:
+    the one way the CLI and the benchmarks start (or join) Ray. Does nothing if Ray is already initialised."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault(WORKER_NICENESS_ENV, WORKER_NICENESS)
+    ray.init(**kwargs)
 
 
 def train_run_name(stage: str, run_id: str) -> str:

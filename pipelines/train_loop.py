@@ -52,13 +52,31 @@ class WorkerInfo:
         return self.rank == 0
 
 
-def worker_info(cpus_per_worker: float) -> WorkerInfo:
-    """Rank, world size and device of this Ray Train worker; CPU workers get ``ceil(cpus_per_worker)`` threads."""
+def worker_threads(cpus_per_worker: float, torch_threads: int = 0) -> int:
+    """Torch intra-op threads of a CPU worker: ``torch_threads`` when positive, else ``max(1, floor(cpus_per_worker))``.
+
+    The one rule (measured in ``benchmarks/threads.py``): a worker computes on at most the whole cores Ray reserved
+    for it. A fractional rest (``cpus_per_worker: 1.5``) is not worth a second thread: that thread competes with the
+    Ray Data readers (``READ_CPUS`` tasks on what the workers leave of the node) and Ray's own processes, and the
+    worker then waits for its batches.
+    """
+    return torch_threads if torch_threads > 0 else max(1, math.floor(cpus_per_worker))
+
+
+def worker_info(cpus_per_worker: float, torch_threads: int = 0, stage: str = "train") -> WorkerInfo:
+    """Rank, world size and device of this Ray Train worker; a CPU worker sets its torch threads
+    (``worker_threads``) and rank 0 prints them once, naming ``stage``."""
     context = ray.train.get_context()
     device = ray.train.torch.get_device()
+    info = WorkerInfo(context.get_world_rank(), context.get_world_size(), device)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, math.ceil(cpus_per_worker)))
-    return WorkerInfo(context.get_world_rank(), context.get_world_size(), device)
+        threads = worker_threads(cpus_per_worker, torch_threads)
+        torch.set_num_threads(threads)
+        if info.is_chief:
+            rule = "scaling.torch_threads" if torch_threads > 0 else \
+                f"floor(scaling.cpus_per_worker={cpus_per_worker:g}), at least 1"
+            print(f"[{stage}] {info.world_size} CPU worker(s), {threads} torch thread(s) each ({rule})", flush=True)
+    return info
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import ClassVar, TypeVar
@@ -75,16 +75,21 @@ def register_source(kind: str, *, builtin: bool = False) -> Callable[[SourceClas
     return decorator
 
 
-def open_source(source: str, *, download: bool = False) -> ImageSource:
+def open_source(source: str, *, download: bool = False, npz_keys: Mapping[str, str] | None = None) -> ImageSource:
     """Resolve a source string to an ``ImageSource``.
 
     Accepted forms: ``builtin:NAME`` (``BUILTIN_SOURCES``); ``KIND:PATH`` with KIND in ``SOURCES``; or a bare
     PATH, which the kinds' ``detect`` recognise (by ``detection_rank``, then name). ``download=True`` needs
     ``KIND:PATH`` of a downloadable kind and fetches the published files into PATH; without it the network is
-    never touched.
+    never touched. ``npz_keys`` (``{role: array name}``, see ``NpzSource``) needs an ``.npz`` source.
     """
     prefix, _, rest = source.partition(":")
     named = prefix in SOURCES and bool(rest)
+    if npz_keys:
+        path = Path(rest if named else source).expanduser()
+        if (prefix if named else path.suffix.lower()) not in ("npz", ".npz"):
+            raise ValueError(f"npz keys {dict(npz_keys)} were given but the source {source!r} is not an .npz file")
+        return NpzSource(path, keys=npz_keys)
     if download and not (named and SOURCES.get(prefix).downloadable):
         downloadable = ", ".join(f"{kind}:PATH" for kind in SOURCES.names() if SOURCES.get(kind).downloadable)
         raise ValueError(f"download is only supported for {downloadable}; got {source!r}")
@@ -253,32 +258,90 @@ def _labels_to_records(
     return [SourceRecord(f"{prefix}/{i:0{width}d}", int(label), origin_split) for i, label in enumerate(labels)]
 
 
+NPZ_KEY_NAMES: dict[str, tuple[str, ...]] = {
+    "x": ("x", "x_train", "X", "X_train", "images", "train_images"),
+    "y": ("y", "y_train", "Y", "Y_train", "labels", "train_labels"),
+    "x_test": ("x_test", "X_test", "test_images"),
+    "y_test": ("y_test", "Y_test", "test_labels"),
+}
+"""The array names an ``.npz`` is searched for, per role (what ``numpy.savez`` users commonly write)."""
+
+
+def npz_array_names(available: Sequence[str], keys: Mapping[str, str] | None, where: str) -> dict[str, str]:
+    """``{role: array name}`` of an ``.npz`` holding the arrays ``available``, for the roles it has.
+
+    A role named in ``keys`` (e.g. ``{"x": "train_images"}``) takes that array, which must exist; any other role
+    takes the one array of ``available`` whose name is in ``NPZ_KEY_NAMES[role]`` (two candidates: ambiguous,
+    ``ValueError``). ``x`` is required; ``y_test`` needs ``x_test``. Errors name ``where`` and the file's arrays.
+    """
+    keys = dict(keys or {})
+    listing = f"(arrays in the file: {', '.join(available) or 'none'})"
+    unknown = sorted(set(keys) - set(NPZ_KEY_NAMES))
+    if unknown:
+        raise ValueError(f"{where}: unknown npz key role {unknown[0]!r}; roles: {', '.join(NPZ_KEY_NAMES)}")
+    names: dict[str, str] = {}
+    for role, name in keys.items():
+        if name not in available:
+            raise ValueError(f"{where}: no array {name!r} for {role} {listing}")
+        names[role] = name
+    claimed = set(names.values())
+    for role, candidates in NPZ_KEY_NAMES.items():
+        if role in names:
+            continue
+        found = [name for name in candidates if name in available and name not in claimed]
+        if len(found) > 1:
+            raise ValueError(f"{where}: arrays {' and '.join(map(repr, found))} could both be {role}; name one with "
+                             f"--npz-key {role}=NAME")
+        if found:
+            names[role] = found[0]
+            claimed.add(found[0])
+    if "x" not in names:
+        raise ValueError(f"{where}: no image array {listing}; expected one of {', '.join(NPZ_KEY_NAMES['x'])}, "
+                         "or name it with --npz-key x=NAME")
+    if "y_test" in names and "x_test" not in names:
+        raise ValueError(f"{where}: test labels {names['y_test']!r} but no test images {listing}; name them with "
+                         "--npz-key x_test=NAME")
+    return names
+
+
+def _channels_last(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) with C in {1, 3} (PyTorch's layout) -> (N, H, W, C); anything else unchanged."""
+    if images.ndim == 4 and images.shape[1] in (1, 3) and images.shape[3] not in (1, 3):
+        return images.transpose(0, 2, 3, 1)
+    return images
+
+
 @register_source("npz")
 class NpzSource(ArraySource):
-    """A NumPy ``.npz`` with ``x`` (N, H, W[, C]) uint8 and optional ``y`` (N,) non-negative integer labels.
+    """A NumPy ``.npz``: train images (N, H, W[, C]) uint8 and optional labels (N,) or (N, 1) of non-negative ints.
 
-    With ``x_test`` (and optional ``y_test``) the file carries its own split: ``x`` is train, ``x_test`` is
-    test; without it the origin split is None. Other keys (e.g. file names) are ignored. Ids:
-    ``{file stem}/{i}`` or ``{file stem}/train/{i}`` and ``{file stem}/test/{i}``. Auto-detection: a file
-    ending in ``.npz``.
+    The arrays are found by name (``NPZ_KEY_NAMES``: ``x`` or ``x_train``, ``y`` or ``y_train``, ``x_test``,
+    ``y_test``, ...) or named by ``keys`` (``{"x": "train_images", "y_test": "labels_test"}``; the CLI's
+    ``--npz-key ROLE=NAME``). Images in PyTorch's (N, C, H, W) layout are transposed. With test images the file
+    carries its own split (train and test); without them the origin split is None. Other arrays (e.g. file
+    names) are ignored. Ids: ``{file stem}/{i}`` or ``{file stem}/train/{i}`` and ``{file stem}/test/{i}``.
+    Auto-detection: a file ending in ``.npz``.
     """
 
-    description = "an .npz file with 'x' (N, H, W[, C]) uint8, optional 'y', 'x_test', 'y_test'"
+    description = "an .npz file with train images ('x' or 'x_train', ...) uint8, optional labels and test arrays"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, keys: Mapping[str, str] | None = None) -> None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"npz file {path} does not exist")
         with np.load(path, allow_pickle=False) as arrays:
-            if "x" not in arrays:
-                raise ValueError(f"{path} has no array 'x' (keys: {', '.join(arrays.files)})")
-            keys = [("x", "y", "train"), ("x_test", "y_test", "test")] if "x_test" in arrays else [("x", "y", None)]
+            names = npz_array_names(arrays.files, keys, str(path))
+            roles = [("x", "y", "train"), ("x_test", "y_test", "test")] if "x_test" in names else [("x", "y", None)]
             parts = []
-            for x_key, y_key, origin in keys:
-                images = arrays[x_key]
-                labels = arrays[y_key] if y_key in arrays else None
+            for x_role, y_role, origin in roles:
+                images = _channels_last(arrays[names[x_role]])
+                labels = arrays[names[y_role]] if y_role in names else None
+                if labels is not None and labels.ndim == 2 and labels.shape[1] == 1:
+                    labels = labels[:, 0]  # Keras' (N, 1)
                 prefix = path.stem if origin is None else f"{path.stem}/{origin}"
-                parts.append((f"{path}: '{x_key}'", images, _labels_to_records(prefix, labels, len(images), origin)))
+                parts.append((f"{path}: '{names[x_role]}'", images,
+                              _labels_to_records(prefix, labels, len(images), origin)))
+        self.array_names = names
         super().__init__(parts)
 
     @classmethod

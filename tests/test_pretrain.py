@@ -53,7 +53,9 @@ def _pretrain(cfg, name: str = "pretrain") -> tuple[str, PretrainRecord]:
 
 
 def _train_rows(digits: Path) -> int:
-    return read_manifest(digits)["splits"]["train"]["rows"]
+    """Rows pretraining trains on: every image of train and val (``pipelines.knn_monitor.pretrain_rows``)."""
+    manifest = read_manifest(digits)
+    return manifest["splits"]["train"]["rows"] + manifest["splits"]["val"]["rows"]
 
 
 def _history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -373,3 +373,54 @@ def test_a_new_source_kind_is_one_registered_class(tmp_path: Path, monkeypatch: 
     (tmp_path / "b.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="gray: a .gray text file"):
         open_source(str(tmp_path / "b.bin"))
+
+
+def test_npz_common_names_keras_labels_and_channels_first(tmp_path: Path):
+    train, test = random_images(4, 6, 6, 3), random_images(2, 6, 6, 3, seed=5)
+    np.savez(tmp_path / "keras.npz", x_train=train, y_train=np.array([[0], [1], [2], [1]]), x_test=test,
+             y_test=np.array([2, 0]))
+    source = open_source(str(tmp_path / "keras.npz"))
+    assert source.array_names == {"x": "x_train", "y": "y_train", "x_test": "x_test", "y_test": "y_test"}
+    assert [(r.label, r.origin_split) for r in source.records()] == [
+        (0, "train"), (1, "train"), (2, "train"), (1, "train"), (2, "test"), (0, "test"),
+    ]  # fmt: skip
+    assert np.array_equal(all_images(source), np.concatenate([train, test]))
+
+    np.savez(tmp_path / "torch.npz", images=train.transpose(0, 3, 1, 2), labels=np.array([3, 0, 1, 2]))
+    source = open_source(str(tmp_path / "torch.npz"))
+    assert source.array_names == {"x": "images", "y": "labels"}
+    assert np.array_equal(all_images(source), train)  # (N, C, H, W) -> (N, H, W, C)
+    assert [r.label for r in source.records()] == [3, 0, 1, 2]
+
+
+def test_npz_names_mapped_by_role(tmp_path: Path):
+    train, test = random_images(3, 5, 5, 1)[:, :, :, 0], random_images(2, 5, 5, 1, seed=2)[:, :, :, 0]
+    np.savez(tmp_path / "own.npz", pictures=train, classes=np.array([1, 0, 1]), later=test, x=test)
+    source = open_source(f"npz:{tmp_path / 'own.npz'}", npz_keys={"x": "pictures", "y": "classes",
+                                                                   "x_test": "later"})
+    assert source.array_names == {"x": "pictures", "y": "classes", "x_test": "later"}  # 'x' is claimed by nothing
+    assert [(r.label, r.origin_split) for r in source.records()] == [
+        (1, "train"), (0, "train"), (1, "train"), (None, "test"), (None, "test"),
+    ]  # fmt: skip
+    assert np.array_equal(all_images(source)[:, :, :, 0], np.concatenate([train, test]))
+
+
+def test_npz_name_errors(tmp_path: Path):
+    images = random_images(2, 4, 4, 1)[:, :, :, 0]
+    np.savez(tmp_path / "both.npz", x=images, x_train=images)
+    with pytest.raises(ValueError, match=r"both\.npz: arrays 'x' and 'x_train' could both be x; name one with "
+                                         r"--npz-key x=NAME"):
+        open_source(str(tmp_path / "both.npz"))
+    assert open_source(str(tmp_path / "both.npz"), npz_keys={"x": "x_train"}).array_names == {"x": "x_train"}
+    np.savez(tmp_path / "none.npz", pixels=images)
+    with pytest.raises(ValueError, match=r"none\.npz: no image array \(arrays in the file: pixels\)"):
+        open_source(str(tmp_path / "none.npz"))
+    with pytest.raises(ValueError, match=r"none\.npz: no array 'imgs' for x \(arrays in the file: pixels\)"):
+        open_source(str(tmp_path / "none.npz"), npz_keys={"x": "imgs"})
+    with pytest.raises(ValueError, match=r"unknown npz key role 'images'; roles: x, y, x_test, y_test"):
+        open_source(str(tmp_path / "none.npz"), npz_keys={"images": "pixels"})
+    np.savez(tmp_path / "orphan.npz", x=images, y_test=np.array([0, 1]))
+    with pytest.raises(ValueError, match=r"test labels 'y_test' but no test images"):
+        open_source(str(tmp_path / "orphan.npz"))
+    with pytest.raises(ValueError, match=r"npz keys .* but the source .* is not an \.npz file"):
+        open_source(str(tmp_path), npz_keys={"x": "pixels"})

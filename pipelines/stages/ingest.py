@@ -34,6 +34,7 @@ import secrets
 import shutil
 import time
 from collections import Counter
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -189,13 +190,15 @@ def ingest(
     download: bool = False,
     overwrite: bool = False,
     workers: int = min(8, os.cpu_count() or 1),
+    npz_keys: Mapping[str, str] | None = None,
 ) -> dict:
     """Write ``source`` as Parquet shards + ``_manifest.json`` into ``out`` (atomically); return the manifest.
 
     ``source``: ``builtin:digits``, ``KIND:PATH`` or a path (see ``open_source``). ``test_fraction`` is used
     only when the source has no test split of its own. ``overwrite`` replaces an earlier ingest output
     (a folder holding ``_manifest.json``); any other non-empty ``out`` is refused. ``workers`` threads
-    decode, verify and encode images; the output does not depend on it.
+    decode, verify and encode images; the output does not depend on it. ``npz_keys`` names the arrays of an
+    ``.npz`` source by role (``{"x": "train_images"}``, see ``ssl_core.sources.NpzSource``); the manifest records it.
     """
     _check_fraction("val_fraction", val_fraction, allow_one=False)
     _check_fraction("test_fraction", test_fraction, allow_one=False)
@@ -208,7 +211,7 @@ def ingest(
     _check_out(out, overwrite)
     started = time.perf_counter()
 
-    image_source = open_source(source, download=download)
+    image_source = open_source(source, download=download, npz_keys=npz_keys)
     records = image_source.records()
     if not records:
         raise ValueError(f"ingest source {source!r} holds no images")
@@ -262,6 +265,7 @@ def ingest(
                 "label_fraction": label_fraction,
                 "shard_rows": shard_rows,
                 "max_shard_bytes": max_shard_bytes,
+                **({"npz_keys": dict(npz_keys)} if npz_keys else {}),
             },
             test_from=assignment.test_from,
             row_counts=row_counts,
@@ -312,7 +316,7 @@ def _build_manifest(
     *,
     source: str,
     image_source: ImageSource,
-    parameters: dict[str, float | int],
+    parameters: dict[str, object],
     test_from: str,
     row_counts: Counter,
     label_counts: dict[str, Counter],
@@ -380,14 +384,16 @@ def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> Ing
     anything else at that path that ``ingest`` wrote is replaced.
     """
     data = cfg.data
-    wanted = {"source": data.source, "seed": data.seed, "val_fraction": data.val_fraction}
+    wanted = {"source": data.source, "seed": data.seed, "val_fraction": data.val_fraction,
+              "npz_keys": dict(data.npz_keys) or None}
     manifest = None
     if (Path(data.path) / MANIFEST_NAME).is_file():
         existing = read_manifest(data.path)
         if all(existing.get(key) == value for key, value in wanted.items()):
             manifest = existing
     if manifest is None:
-        manifest = ingest(data.source, data.path, val_fraction=data.val_fraction, seed=data.seed, overwrite=True)
+        manifest = ingest(data.source, data.path, val_fraction=data.val_fraction, seed=data.seed, overwrite=True,
+                          npz_keys=data.npz_keys)
     tracking.log_json(cfg.tracking, run_id, manifest, MANIFEST_NAME)
     metrics = {**{f"{split}_rows": info["rows"] for split, info in manifest["splits"].items()},
                "corrupt_images": manifest["corrupt_count"]}
