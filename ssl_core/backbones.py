@@ -14,8 +14,11 @@ Shape: (batch, 3, height, width) -> (batch, feature_dim).
   They always use the small-image stem, so ``small_images`` has no effect.
 - ``vit_tiny`` (192 wide, 12 blocks, 3 heads), ``vit_small`` (384, 12, 6): a pre-norm Vision Transformer
   (Dosovitskiy et al., 2021) with a CLS token and fixed 2D sin-cos position embeddings, initialised as in MAE
-  (He et al., 2022). Keyword arguments: ``patch_size`` (default 4 for ``image_size <= 64``, else 16) and
-  ``depth``. The patch size sets the stem, so ``small_images`` has no effect on a ViT.
+  (He et al., 2022). Keyword arguments: ``patch_size`` (default 4 for ``image_size <= 64``, else 16), ``depth``
+  and ``pool`` (the feature: ``"cls"``, the CLS token, default; ``"mean"``, the mean of the patch tokens, both
+  after the final LayerNorm). It encodes any input whose sides are multiples of the patch size (DINO's local
+  crops): the position embeddings are interpolated bicubically to the input's patch grid, the CLS row kept, as
+  in DINO's reference code. The patch size sets the stem, so ``small_images`` has no effect on a ViT.
 """
 
 from __future__ import annotations
@@ -191,12 +194,17 @@ class TransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class VisionTransformer(nn.Module):
-    """ViT encoder returning the CLS token after the final LayerNorm. Shape: (B, 3, H, W) -> (B, embed_dim).
+VIT_POOLS = ("cls", "mean")
 
-    Patches are numbered row-major (``n = row * grid_size + col``); ``patchify`` flattens each patch as
+
+class VisionTransformer(nn.Module):
+    """ViT encoder: its feature is the CLS token (``pool="cls"``) or the mean of the patch tokens (``pool="mean"``),
+    after the final LayerNorm. Shape: (B, 3, H, W) -> (B, embed_dim), ``H`` and ``W`` multiples of ``patch_size``.
+
+    Patches are numbered row-major (``n = row * grid_width + col``); ``patchify`` flattens each patch as
     (row-in-patch, col-in-patch, channel), as MAE does. ``pos_embed`` is a fixed buffer of shape
-    (1, 1 + num_patches, embed_dim) whose CLS row is zero.
+    (1, 1 + num_patches, embed_dim) whose CLS row is zero, for the ``image_size`` grid; an input of another size
+    gets it interpolated to its own grid (``position_embedding``).
     """
 
     def __init__(
@@ -208,6 +216,7 @@ class VisionTransformer(nn.Module):
         depth: int,
         num_heads: int,
         mlp_ratio: float = 4.0,
+        pool: str = "cls",
     ) -> None:
         super().__init__()
         for argument, value in (("image_size", image_size), ("patch_size", patch_size), ("depth", depth)):
@@ -215,12 +224,15 @@ class VisionTransformer(nn.Module):
                 raise ValueError(f"{argument} must be > 0, got {value}")
         if image_size % patch_size != 0:
             raise ValueError(f"image_size={image_size} must be divisible by patch_size={patch_size}")
+        if pool not in VIT_POOLS:
+            raise ValueError(f"pool={pool!r} must be one of {list(VIT_POOLS)}")
         self.image_size = image_size
         self.patch_size = patch_size
         self.grid_size = image_size // patch_size
         self.num_patches = self.grid_size**2
         self.embed_dim = embed_dim
         self.feature_dim = embed_dim
+        self.pool = pool
 
         self.patch_embed = nn.Conv2d(3, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -244,16 +256,37 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
 
-    def _check_images(self, images: Tensor) -> None:
+    def patch_grid(self, images: Tensor) -> tuple[int, int]:
+        """``(rows, cols)`` of the patch grid of ``images``; raises unless they are (B, 3, H, W) with ``H`` and
+        ``W`` multiples of ``patch_size``."""
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % self.patch_size or \
+                images.shape[3] % self.patch_size:
+            raise ValueError(
+                f"expected images of shape (batch, 3, H, W) with H and W multiples of patch_size={self.patch_size}, "
+                f"got {tuple(images.shape)}"
+            )
+        return images.shape[2] // self.patch_size, images.shape[3] // self.patch_size
+
+    def _check_full_size(self, images: Tensor) -> None:
         expected = (3, self.image_size, self.image_size)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"expected images of shape (batch, {', '.join(map(str, expected))}), got {tuple(images.shape)}"
             )
 
+    def position_embedding(self, rows: int, cols: int) -> Tensor:
+        """Position embeddings of a ``rows x cols`` patch grid: the stored table at its own grid, else its patch rows
+        resized bicubically (``align_corners=False``) to the grid, the CLS row kept (DINO's
+        ``interpolate_pos_encoding``). Shape: -> (1, 1 + rows * cols, embed_dim)."""
+        if (rows, cols) == (self.grid_size, self.grid_size):
+            return self.pos_embed
+        table = self.pos_embed[:, 1:].reshape(1, self.grid_size, self.grid_size, self.embed_dim).permute(0, 3, 1, 2)
+        resized = F.interpolate(table, size=(rows, cols), mode="bicubic", align_corners=False)
+        return torch.cat([self.pos_embed[:, :1], resized.permute(0, 2, 3, 1).reshape(1, rows * cols, -1)], dim=1)
+
     def patchify(self, images: Tensor) -> Tensor:
         """Split images into flattened patches. Shape: (B, 3, H, W) -> (B, num_patches, patch_size**2 * 3)."""
-        self._check_images(images)
+        self._check_full_size(images)
         p, g = self.patch_size, self.grid_size
         patches = images.reshape(images.shape[0], 3, g, p, g, p)
         return torch.einsum("bchpwq->bhwpqc", patches).reshape(images.shape[0], g * g, p * p * 3)
@@ -268,18 +301,36 @@ class VisionTransformer(nn.Module):
         images = patches.reshape(patches.shape[0], g, g, p, p, 3)
         return torch.einsum("bhwpqc->bchpwq", images).reshape(patches.shape[0], 3, g * p, g * p)
 
-    def _embed_patches(self, images: Tensor) -> Tensor:
-        """Patch tokens plus their position embeddings. Shape: (B, 3, H, W) -> (B, num_patches, embed_dim)."""
-        self._check_images(images)
-        return self.patch_embed(images).flatten(2).transpose(1, 2) + self.pos_embed[:, 1:]
+    def embed_patches(
+        self, images: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Patch tokens plus their position embeddings, and the CLS position row. With ``mask`` (B, n) bool and
+        ``mask_token`` (embed_dim,), a masked patch's token is replaced by ``mask_token`` before the position
+        embedding is added (iBOT, MaskFeat, SimMIM). Shape: (B, 3, H, W) -> (B, n, embed_dim), (1, 1, embed_dim)."""
+        rows, cols = self.patch_grid(images)
+        tokens = self.patch_embed(images).flatten(2).transpose(1, 2)
+        if mask is not None:
+            if mask_token is None or mask.shape != tokens.shape[:2] or mask.dtype != torch.bool:
+                raise ValueError(
+                    f"mask must be a bool tensor of shape {tuple(tokens.shape[:2])} with a mask_token, got "
+                    f"{mask.dtype} {tuple(mask.shape)}"
+                )
+            tokens = torch.where(mask.unsqueeze(-1), mask_token.to(tokens.dtype).view(1, 1, -1), tokens)
+        pos = self.position_embedding(rows, cols)
+        return tokens + pos[:, 1:], pos[:, :1]
 
-    def _encode(self, patch_tokens: Tensor) -> Tensor:
+    def _encode(self, patch_tokens: Tensor, cls_pos: Tensor) -> Tensor:
         """Prepend the CLS token, run the blocks and the final norm. Shape: (B, n, D) -> (B, 1 + n, D)."""
-        cls = (self.cls_token + self.pos_embed[:, :1]).expand(patch_tokens.shape[0], -1, -1)
+        cls = (self.cls_token + cls_pos).expand(patch_tokens.shape[0], -1, -1)
         x = torch.cat([cls, patch_tokens], dim=1)
         for block in self.blocks:
             x = block(x)
         return self.norm(x)
+
+    def forward_tokens(self, images: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> Tensor:
+        """Every output token after the final norm, CLS first; ``mask`` / ``mask_token`` as in ``embed_patches``.
+        Shape: (B, 3, H, W) -> (B, 1 + n, embed_dim)."""
+        return self._encode(*self.embed_patches(images, mask, mask_token))
 
     def forward_visible(self, images: Tensor, ids_keep: Tensor) -> Tensor:
         """Encode only the patches ``ids_keep`` (MAE's encoder); position embeddings are added before selection.
@@ -291,35 +342,46 @@ class VisionTransformer(nn.Module):
                 f"ids_keep must be an int64 tensor of shape (batch={images.shape[0]}, n_keep), "
                 f"got {ids_keep.dtype} {tuple(ids_keep.shape)}"
             )
-        tokens = self._embed_patches(images)
+        tokens, cls_pos = self.embed_patches(images)
         kept = torch.gather(tokens, 1, ids_keep.unsqueeze(-1).expand(-1, -1, self.embed_dim))
-        return self._encode(kept)
+        return self._encode(kept, cls_pos)
+
+    def pooled(self, tokens: Tensor) -> Tensor:
+        """The feature of ``forward_tokens``' output: the CLS token or the mean patch token (``pool``)."""
+        return tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(dim=1)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self._encode(self._embed_patches(images))[:, 0]
+        return self.pooled(self.forward_tokens(images))
 
 
 def _vit(
-    *, image_size: int, embed_dim: int, num_heads: int, patch_size: int | None, depth: int
+    *, image_size: int, embed_dim: int, num_heads: int, patch_size: int | None, depth: int, pool: str
 ) -> VisionTransformer:
     if patch_size is None:
-        patch_size = 4 if image_size <= 64 else 16
+        patch_size = default_vit_patch_size(image_size)
     return VisionTransformer(
-        image_size=image_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads
+        image_size=image_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth, num_heads=num_heads, pool=pool
     )
+
+
+def default_vit_patch_size(image_size: int) -> int:
+    """The patch size ``vit_*`` use when none is given: 4 up to 64 px, else 16."""
+    return 4 if image_size <= 64 else 16
 
 
 @BACKBONES.register("vit_tiny")
 def vit_tiny(
-    *, small_images: bool = False, image_size: int = 32, patch_size: int | None = None, depth: int = 12
+    *, small_images: bool = False, image_size: int = 32, patch_size: int | None = None, depth: int = 12,
+    pool: str = "cls",
 ) -> nn.Module:
     """ViT-Tiny: 192 wide, 3 heads, 12 blocks by default."""
-    return _vit(image_size=image_size, embed_dim=192, num_heads=3, patch_size=patch_size, depth=depth)
+    return _vit(image_size=image_size, embed_dim=192, num_heads=3, patch_size=patch_size, depth=depth, pool=pool)
 
 
 @BACKBONES.register("vit_small")
 def vit_small(
-    *, small_images: bool = False, image_size: int = 32, patch_size: int | None = None, depth: int = 12
+    *, small_images: bool = False, image_size: int = 32, patch_size: int | None = None, depth: int = 12,
+    pool: str = "cls",
 ) -> nn.Module:
     """ViT-Small: 384 wide, 6 heads, 12 blocks by default."""
-    return _vit(image_size=image_size, embed_dim=384, num_heads=6, patch_size=patch_size, depth=depth)
+    return _vit(image_size=image_size, embed_dim=384, num_heads=6, patch_size=patch_size, depth=depth, pool=pool)

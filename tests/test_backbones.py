@@ -93,8 +93,12 @@ def test_vit_patch_size_default_and_validation() -> None:
     with pytest.raises(ValueError, match=r"image_size=30.*patch_size=4"):
         build_backbone("vit_tiny", image_size=30, depth=1)
     model = build_backbone("vit_tiny", image_size=16, depth=1)
+    with pytest.raises(ValueError, match=r"shape \(batch, 3, H, W\) with H and W multiples of patch_size=4"):
+        model(torch.randn(2, 3, 30, 30))
     with pytest.raises(ValueError, match="shape"):
-        model(torch.randn(2, 3, 32, 32))
+        model(torch.randn(2, 1, 16, 16))
+    with pytest.raises(ValueError, match=r"pool='max' must be one of \['cls', 'mean'\]"):
+        build_backbone("vit_tiny", image_size=16, depth=1, pool="max")
 
 
 def test_position_embedding_matches_mae_formula() -> None:
@@ -177,3 +181,78 @@ def test_vit_init_and_fixed_position_embedding(vit: VisionTransformer) -> None:
     assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in vit.modules() if isinstance(m, nn.Linear))
     bound = math.sqrt(6 / (vit.embed_dim + 4 * vit.embed_dim))  # xavier-uniform bound of the first MLP linear
     assert vit.blocks[0].mlp[0].weight.abs().max() <= bound
+
+
+# ------------------------------------------------------------------- ViT on other input sizes, pooling, masking
+
+
+def _cubic_weight(distance: float, a: float = -0.75) -> float:
+    """Keys' cubic convolution kernel with PyTorch's a = -0.75."""
+    d = abs(distance)
+    if d <= 1:
+        return (a + 2) * d**3 - (a + 3) * d**2 + 1
+    if d < 2:
+        return a * d**3 - 5 * a * d**2 + 8 * a * d - 4 * a
+    return 0.0
+
+
+def _naive_bicubic(grid: torch.Tensor, out_rows: int, out_cols: int) -> torch.Tensor:
+    """Bicubic resize of (rows, cols, dim) with half-pixel centres and clamped borders, one output at a time."""
+    rows, cols, _ = grid.shape
+    out = torch.zeros(out_rows, out_cols, grid.shape[2], dtype=torch.float64)
+    for i in range(out_rows):
+        y = (i + 0.5) * rows / out_rows - 0.5
+        for j in range(out_cols):
+            x = (j + 0.5) * cols / out_cols - 0.5
+            for m in range(math.floor(y) - 1, math.floor(y) + 3):
+                for n in range(math.floor(x) - 1, math.floor(x) + 3):
+                    weight = _cubic_weight(y - m) * _cubic_weight(x - n)
+                    out[i, j] += weight * grid[min(max(m, 0), rows - 1), min(max(n, 0), cols - 1)].double()
+    return out
+
+
+def test_position_embedding_is_interpolated_bicubically_to_the_input_grid(vit: VisionTransformer) -> None:
+    assert vit.position_embedding(vit.grid_size, vit.grid_size) is vit.pos_embed
+    table = vit.pos_embed[0, 1:].reshape(vit.grid_size, vit.grid_size, -1)
+    for rows, cols in ((2, 2), (3, 5), (6, 6)):
+        resized = vit.position_embedding(rows, cols)
+        assert resized.shape == (1, 1 + rows * cols, vit.embed_dim)
+        assert torch.equal(resized[0, 0], vit.pos_embed[0, 0])  # the CLS row is kept
+        expected = _naive_bicubic(table, rows, cols).reshape(rows * cols, -1).float()
+        torch.testing.assert_close(resized[0, 1:], expected, rtol=1e-4, atol=1e-5)
+
+
+def test_vit_encodes_crops_smaller_and_larger_than_its_image_size(vit: VisionTransformer) -> None:
+    for side in (8, 12, 24):
+        images = torch.randn(2, 3, side, side)
+        tokens = vit.forward_tokens(images)
+        assert tokens.shape == (2, 1 + (side // 4) ** 2, vit.embed_dim)
+        torch.testing.assert_close(vit(images), tokens[:, 0])
+        # the interpolated table is what the patches get: the same as feeding it through the encoder by hand
+        patches = vit.patch_embed(images).flatten(2).transpose(1, 2)
+        position = vit.position_embedding(side // 4, side // 4)
+        torch.testing.assert_close(tokens, vit._encode(patches + position[:, 1:], position[:, :1]))
+
+
+def test_mean_pool_is_the_mean_patch_token() -> None:
+    torch.manual_seed(0)
+    model = build_backbone("vit_tiny", image_size=16, depth=1, pool="mean")
+    images = torch.randn(3, 3, 16, 16)
+    torch.testing.assert_close(model(images), model.forward_tokens(images)[:, 1:].mean(dim=1))
+
+
+def test_masked_patches_are_replaced_by_the_mask_token(vit: VisionTransformer) -> None:
+    images = torch.randn(2, 3, 16, 16)
+    mask_token = torch.randn(vit.embed_dim)
+    no_mask = torch.zeros(2, vit.num_patches, dtype=torch.bool)
+    torch.testing.assert_close(vit.forward_tokens(images, no_mask, mask_token), vit.forward_tokens(images))
+    mask = no_mask.clone()
+    mask[:, 5] = True  # patch 5: rows 4-7, cols 4-7
+    tokens, _ = vit.embed_patches(images, mask, mask_token)
+    torch.testing.assert_close(tokens[:, 5], mask_token + vit.pos_embed[0, 6].expand(2, -1))
+    changed = images.clone()
+    changed[:, :, 4:8, 4:8] += 1.0  # only the masked patch's pixels change: nothing the encoder sees changes
+    masked = vit.forward_tokens(images, mask, mask_token)
+    torch.testing.assert_close(vit.forward_tokens(changed, mask, mask_token), masked)
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        vit.forward_tokens(images, mask.float(), mask_token)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ssl_core.methods import build_method
 
@@ -28,3 +29,32 @@ def test_views_are_two_global_and_the_configured_local_crops() -> None:
     views = build_method("dino", TINY).view_generator().view_configs
     assert list(views) == ["global_0", "global_1", "local_0", "local_1"]
     assert views["local_0"].output_size == 8
+
+
+def test_dino_on_a_vit_trains_with_local_crops() -> None:
+    """The ViT accepts the 8 px local crops (position embeddings interpolated) through steps and teacher updates."""
+    torch.manual_seed(0)
+    method = build_method("dino", {**TINY, "backbone": "vit_tiny", "encoder_depth": 2})
+    assert len(method.encoder.blocks) == 2
+    views = method.view_generator()
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.1)
+    teacher_before = method.teacher_encoder.cls_token.clone()
+    for step in range(2):
+        batch = views(images, generator)
+        assert batch["global_0"].shape[-1] == 16 and batch["local_1"].shape[-1] == 8
+        out = method.training_step(batch)
+        optimizer.zero_grad()
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and method.encoder.pos_embed.shape[1] == 1 + 16
+        assert method.encoder.cls_token.grad.abs().sum() > 0
+        optimizer.step()
+        method.on_after_optimizer_step(step, 2)
+    assert not torch.equal(method.teacher_encoder.cls_token, teacher_before)
+    assert method.criterion.gather_distributed
+
+
+def test_encoder_depth_is_for_a_vit_only() -> None:
+    with pytest.raises(ValueError, match=r"method\.dino\.encoder_depth=2 applies to a ViT, not 'resnet18'"):
+        build_method("dino", {**TINY, "encoder_depth": 2})

@@ -3,6 +3,10 @@
 The student sees every crop (2 global + ``num_local_crops`` local), the teacher the 2 global ones. The teacher
 temperature warms up linearly from ``warmup_teacher_temperature`` to ``teacher_temperature`` over the first
 ``teacher_temperature_warmup_fraction`` of training, a pure function of the step.
+
+On a ViT (``backbone: vit_tiny`` / ``vit_small``) the feature is the CLS token; the local crops (smaller than
+``image_size``) go through the same ViT with its position embeddings interpolated to their patch grid. With
+``gather_distributed`` (default) the teacher center follows the batch mean over every rank (all-reduced).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from torch import Tensor, nn
 
 from ssl_core.ema import frozen_copy
 from ssl_core.heads import DINOHead
-from ssl_core.hparams import bounded
+from ssl_core.hparams import FieldValueError, bounded
 from ssl_core.losses import DINOLoss
 from ssl_core.methods.base import MethodConfig, SSLMethod, StepOutput, register_method
 from ssl_core.views import ViewGenerator, dino_views
@@ -33,6 +37,15 @@ class DINOConfig(MethodConfig):
     center_momentum: float = bounded(0.9, 0.0, 1.0)
     momentum: float = bounded(0.996, 0.0, 1.0)
     num_local_crops: int = bounded(6, 0, 16)
+    gather_distributed: bool = True
+    encoder_depth: int = bounded(12, 1, 48)
+    """Transformer blocks of a ViT encoder (``vit_tiny`` / ``vit_small``); a ResNet takes only the default."""
+
+    def check(self) -> None:
+        super().check()
+        if not self.backbone.startswith("vit_") and self.encoder_depth != 12:
+            raise FieldValueError("encoder_depth", self.encoder_depth, f"applies to a ViT, not {self.backbone!r}",
+                                  f"{type(self).__name__}.encoder_depth")
 
 
 def teacher_temperature_at(step: int, total_steps: int, config: DINOConfig) -> float:
@@ -50,7 +63,8 @@ class DINO(SSLMethod):
 
     def __init__(self, config: DINOConfig) -> None:
         super().__init__(config)
-        self.encoder = self.build_encoder()
+        is_vit = config.backbone.startswith("vit_")
+        self.encoder = self.build_encoder(depth=config.encoder_depth) if is_vit else self.build_encoder()
         self.head = DINOHead(
             self.encoder.feature_dim,
             config.out_dim,
@@ -65,6 +79,7 @@ class DINO(SSLMethod):
             student_temperature=config.student_temperature,
             teacher_temperature=config.teacher_temperature,
             center_momentum=config.center_momentum,
+            gather_distributed=config.gather_distributed,
         )
         self.teacher_temperature_now = teacher_temperature_at(0, 1, config)
 
