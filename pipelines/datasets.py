@@ -16,7 +16,10 @@ Two readers, for two jobs:
   split for linear probes), where a streaming pipeline would only add latency and a Ray dependency.
 
 Both decode with ``ssl_core.data.decode_images`` (RGB, bilinear resize + center crop to ``image_size``)
-and give images as uint8 (N, 3, S, S) and labels as int64 with -1 for unlabeled. An image that cannot be
+and give images as uint8 (N, 3, S, S) and labels as int64 with -1 for unlabeled. ``read_split`` also gives
+``row_index`` int64: the row's position among all rows of the requested splits in manifest shard order
+(``0 .. rows - 1`` for one split, whatever is filtered or dropped), which memory-bank methods (NPID, PCL, ...)
+use as the image's slot in their bank. An image that cannot be
 decoded (ingest verified every image, so this means damage after ingest) is dropped and counted in a
 warning, never raised mid-epoch.
 """
@@ -37,6 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 from ssl_core.data import SCHEMA_VERSION, decode_images
+from ssl_core.methods.base import ROW_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -128,17 +132,24 @@ def split_files(dataset_dir: Path | str, splits: str | list[str]) -> list[Path]:
 
 
 def decode_table(table: pa.Table, image_size: int) -> dict[str, np.ndarray]:
-    """Decode a table of contract rows into ``{"image": uint8 (N, 3, S, S), "label": int64 (N,)}``.
+    """Decode a table of contract rows into ``{"image": uint8 (N, 3, S, S), "label": int64 (N,)}`` (plus
+    ``"row_index"`` int64 (N,) when the table has that column).
 
     Rows whose image cannot be decoded are dropped and logged with their ids.
     """
     images, failed = decode_images(table.column("image").to_pylist(), image_size)
     labels = table.column("label").fill_null(UNLABELED).to_numpy(zero_copy_only=False).astype(np.int64)
+    row_index = (table.column(ROW_INDEX).to_numpy(zero_copy_only=False).astype(np.int64)
+                 if ROW_INDEX in table.column_names else None)
     if failed:
         ids = table.column("id").take(pa.array(failed)).to_pylist()
         logger.warning("dropped %d undecodable images: %s", len(failed), ", ".join(ids[:10]))
         labels = np.delete(labels, failed)
-    return {"image": images.numpy(), "label": labels}
+        row_index = None if row_index is None else np.delete(row_index, failed)
+    decoded = {"image": images.numpy(), "label": labels}
+    if row_index is not None:
+        decoded[ROW_INDEX] = row_index
+    return decoded
 
 
 def hide_labels(table: pa.Table, labeled_ids: Collection[str]) -> pa.Table:
@@ -162,10 +173,14 @@ def _read_shards(
     batch_size: int,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The ``map_batches`` function of ``read_split``: stream the given shard files in ``batch_size``-row record
-    batches, hide labels outside ``labeled_ids``, keep the requested rows, decode."""
-    for path in shards["path"]:
+    batches, number the rows (``row_index``, from the shard's ``first_row``), hide labels outside ``labeled_ids``,
+    keep the requested rows, decode."""
+    for path, first_row in zip(shards["path"], shards["first_row"], strict=True):
+        position = int(first_row)
         for record_batch in pq.ParquetFile(str(path)).iter_batches(batch_size=batch_size, columns=_COLUMNS):
             table = pa.Table.from_batches([record_batch])
+            table = table.append_column(ROW_INDEX, pa.array(np.arange(position, position + table.num_rows)))
+            position += table.num_rows
             if labeled_ids is not None:
                 table = hide_labels(table, labeled_ids)
             mask = pc.is_in(table.column("split"), value_set=pa.array(names))
@@ -174,6 +189,16 @@ def _read_shards(
             table = table.filter(mask)
             if table.num_rows:
                 yield decode_table(table, image_size)
+
+
+def _first_rows(dataset_dir: Path | str, files: list[Path]) -> list[int]:
+    """The ``row_index`` of the first row of each of ``files`` (shards in manifest order): rows of the shards before."""
+    rows = {shard["file"]: int(shard["rows"]) for shard in read_manifest(dataset_dir)["shards"]}
+    firsts, total = [], 0
+    for path in files:
+        firsts.append(total)
+        total += rows[path.name]
+    return firsts
 
 
 def read_split(
@@ -185,8 +210,8 @@ def read_split(
     batch_size: int = 256,
     labeled_ids: Collection[str] | None = None,
 ):
-    """A Ray Dataset of ``splits`` with columns ``image`` uint8 (3, S, S) per row and ``label`` int64 (-1 =
-    unlabeled).
+    """A Ray Dataset of ``splits`` with columns ``image`` uint8 (3, S, S) per row, ``label`` int64 (-1 =
+    unlabeled) and ``row_index`` int64 (the row's position in the requested splits, see the module docstring).
 
     Only the shards of the requested splits are opened (the manifest lists them; ingest writes one split per
     shard). ``labeled_ids`` (e.g. from ``labeled_subset_ids``) hides every label whose row id is not in it,
@@ -202,7 +227,8 @@ def read_split(
 
     names = _split_names(splits)
     files = split_files(dataset_dir, names)
-    shards = ray.data.from_items([{"path": str(path)} for path in files])
+    shards = ray.data.from_items([{"path": str(path), "first_row": first_row}
+                                  for path, first_row in zip(files, _first_rows(dataset_dir, files), strict=True)])
     return shards.map_batches(
         _read_shards,
         fn_kwargs={

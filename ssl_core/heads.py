@@ -156,3 +156,42 @@ class DINOHead(MLP):
         outputs = super().forward_layers(x)
         outputs.append(self._project(outputs[-1]))
         return outputs
+
+
+class ConvDecoder(nn.Module):
+    """A pooled feature vector to an image-shaped map (context encoder, denoising autoencoder, colorization).
+
+    ``Linear(in_dim -> base_channels x s0 x s0)`` with ``s0 = min(4, output_size)``, then ``Upsample(x2, nearest)
+    -> Conv3x3 -> BN -> ReLU`` blocks (channels halving, at least 16) until the side reaches ``output_size``
+    (bilinear resize to exactly ``output_size`` when it is not ``s0 * 2**k``), then a ``Conv3x3`` to
+    ``out_channels``. The channel-wise fully connected bottleneck of Pathak et al. (2016) reduced to one Linear,
+    as our backbones return pooled features.
+    Shape: (batch, in_dim) -> (batch, out_channels, output_size, output_size).
+    """
+
+    def __init__(self, in_dim: int, out_channels: int, output_size: int, base_channels: int = 64) -> None:
+        super().__init__()
+        _check_positive(in_dim=in_dim, out_channels=out_channels, output_size=output_size,
+                        base_channels=base_channels)
+        self.output_size, self.start_size, self.base_channels = output_size, min(4, output_size), base_channels
+        self.project = nn.Sequential(nn.Linear(in_dim, base_channels * self.start_size**2), nn.ReLU(inplace=True))
+        blocks: list[nn.Module] = []
+        size, channels = self.start_size, base_channels
+        while size < output_size:
+            next_channels = max(16, channels // 2)
+            blocks += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(channels, next_channels, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(next_channels),
+                nn.ReLU(inplace=True),
+            ]
+            size, channels = size * 2, next_channels
+        self.upsample = nn.Sequential(*blocks)
+        self.predict = nn.Conv2d(channels, out_channels, kernel_size=3, padding=1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        x = self.project(features).view(features.shape[0], self.base_channels, self.start_size, self.start_size)
+        x = self.upsample(x)
+        if x.shape[-1] != self.output_size:
+            x = F.interpolate(x, size=(self.output_size, self.output_size), mode="bilinear", align_corners=False)
+        return self.predict(x)

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ssl_core.device import autocast, views_to_memory_format
 from ssl_core.methods import StepOutput
+from ssl_core.methods.base import ROW_INDEX
 from ssl_core.views import ViewGenerator
 
 Objective = Callable[[nn.Module, dict[str, Tensor], torch.Generator], StepOutput]
@@ -94,10 +95,15 @@ class NonFiniteGuard:
 
 def ssl_objective(views: ViewGenerator, device: torch.device) -> Objective:
     """Pretraining: the method's views of ``batch["image"]`` on ``device`` (channels_last where the device uses
-    it), through ``model`` (the method or its wrapper: ``forward`` is ``training_step``)."""
+    it), through ``model`` (the method or its wrapper: ``forward`` is ``training_step``). A batch's
+    ``"row_index"`` (each image's training row, from the pipeline's reader) joins the views under that key, for
+    the memory-bank methods."""
 
     def objective(model: nn.Module, batch: dict[str, Tensor], generator: torch.Generator) -> StepOutput:
-        return model(views_to_memory_format(views(batch["image"], generator), device))
+        step_views = views_to_memory_format(views(batch["image"], generator), device)
+        if ROW_INDEX in batch:
+            step_views[ROW_INDEX] = batch[ROW_INDEX].to(device=device, dtype=torch.long)
+        return model(step_views)
 
     return objective
 

@@ -13,6 +13,7 @@ import torch
 
 from ssl_core import available_methods, build_method
 from ssl_core.methods import METHODS, MethodConfig, method_config
+from ssl_core.methods.base import ROW_INDEX
 
 METHOD_NAMES = available_methods()
 
@@ -29,7 +30,10 @@ def tiny(name: str, *, learning: bool = False, **overrides: object) -> dict:
 
 
 def test_all_required_methods_are_registered() -> None:
-    assert {"simclr", "moco", "byol", "dino", "barlow_twins", "mae", "rotation"} <= set(METHOD_NAMES)
+    assert {"simclr", "moco", "byol", "dino", "barlow_twins", "mae", "rotation",  # the first seven
+            "jigsaw", "relative_location", "counting", "colorization", "context_encoder",  # issue 14: pretext
+            "denoising_autoencoder", "exemplar", "npid", "pirl", "pcl",  # issue 14: memory banks
+            "ijepa", "maskfeat", "dinov2"} <= set(METHOD_NAMES)  # issue 15: ViT methods
 
 
 def test_unknown_method_lists_known_names() -> None:
@@ -65,12 +69,18 @@ def _batch(method, size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
     return method.view_generator()(images, generator)
 
 
+def _step_views(method, size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A step's input as the pipeline gives it: the views plus each image's training row (memory-bank methods
+    use it, the others ignore it)."""
+    return {**_batch(method, size, seed), ROW_INDEX: torch.arange(size)}
+
+
 @pytest.mark.parametrize("name", METHOD_NAMES)
 def test_one_step_gives_finite_loss_and_backbone_gradients(name: str) -> None:
     torch.manual_seed(0)
     method = build_method(name, tiny(name))
     assert isinstance(method.config, MethodConfig) and method.feature_dim > 0
-    out = method.training_step(_batch(method))
+    out = method.training_step(_step_views(method))
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
     assert all(value.ndim == 0 and not value.requires_grad for value in out.logs.values())
     out.loss.backward()
@@ -111,7 +121,7 @@ def test_teacher_follows_ema_of_online_network(name: str) -> None:
     online, teacher = method.ema_pairs()[0]
     teacher_before = copy.deepcopy(teacher.state_dict())
     optimizer = torch.optim.SGD([p for p in method.parameters() if p.requires_grad], lr=0.5)
-    method.training_step(_batch(method)).loss.backward()
+    method.training_step(_step_views(method)).loss.backward()
     optimizer.step()
     method.on_after_optimizer_step(step=0, total_steps=10)
     momentum = method.momentum_at(0, 10)
@@ -142,7 +152,7 @@ def test_thirty_steps_lower_the_loss(name: str) -> None:
     generator = torch.Generator().manual_seed(2)
     losses = []
     for step in range(30):
-        out = method.training_step(views(images, generator))
+        out = method.training_step({**views(images, generator), ROW_INDEX: torch.arange(len(images))})
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()

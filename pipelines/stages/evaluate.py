@@ -14,7 +14,8 @@ import torch
 
 from pipelines import tracking
 from pipelines.config import PipelineConfig
-from pipelines.datasets import load_split_tensors
+from pipelines.datasets import load_split_tensors, read_manifest
+from pipelines.knn_monitor import pretrain_rows
 from pipelines.records import EvaluateRecord, IngestRecord, PretrainRecord, StageRecord
 from ssl_core.augment import Normalization
 from ssl_core.evaluate import extract_features, knn_accuracy, linear_probe
@@ -64,7 +65,7 @@ def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> Eva
     test = load_split_tensors(cfg.data.path, "test", size, labeled_only=True)
     pretrained = tracking.load_torch_model(cfg.tracking, pretrain.encoder_uri).to(device)
     torch.manual_seed(cfg.data.seed)
-    method = build_method(cfg.method.name, cfg.method.config)
+    method = build_method(cfg.method.name, cfg.method.config, train_rows=pretrain_rows(read_manifest(cfg.data.path)))
     normalization = method.normalization()
     metrics: dict[str, float] = {}
     features: dict[str, torch.Tensor] = {}

@@ -15,8 +15,13 @@ A training loop calls, per step::
     out.loss.backward(); optimizer.step()
     method.on_after_optimizer_step(step, total_steps)   # EMA teachers, schedules
 
-Everything a method must carry across a checkpoint (EMA teacher, MoCo queue, DINO center) is a parameter or a
-buffer, so ``state_dict()`` is the whole method state.
+Everything a method must carry across a checkpoint (EMA teacher, MoCo queue, DINO center, a memory bank) is a
+parameter or a buffer, so ``state_dict()`` is the whole method state.
+
+Methods with one memory row per training image (NPID, Exemplar, PIRL, PCL) also need, per step, each image's
+training row: ``views[ROW_INDEX]``, int64 (B,), which ``ssl_core.training.ssl_objective`` copies from the batch
+(the pipeline's Parquet reader numbers the rows), and the training set size, which their Config takes as
+``bank_size`` through ``MethodConfig.for_train_rows`` (``build_method(..., train_rows=N)``).
 """
 
 from __future__ import annotations
@@ -36,6 +41,17 @@ from ssl_core.ema import cosine_momentum, ema_update
 from ssl_core.hparams import FieldValueError, Validated, bounded, config_from_dict
 from ssl_core.registry import Registry
 from ssl_core.views import ViewGenerator
+
+ROW_INDEX = "row_index"
+"""Key of the training-row index of each image in a step's ``views`` (int64 (B,)), for methods that use it."""
+
+
+def row_index(views: Mapping[str, Tensor], method_name: str) -> Tensor:
+    """``views[ROW_INDEX]``, or a ``KeyError`` that says where it comes from."""
+    if ROW_INDEX not in views:
+        raise KeyError(f"method {method_name!r} needs views[{ROW_INDEX!r}], each image's training row (int64 (B,)): "
+                       "the pipeline's Parquet reader supplies it; outside the pipeline add it to the views")
+    return views[ROW_INDEX]
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,11 @@ class MethodConfig(Validated):
     def max_finetune_head_layers(self) -> int:
         """Blocks of the projection head that SimCLRv2-style fine-tuning can keep (0: the method has none)."""
         return 0
+
+    def for_train_rows(self, train_rows: int) -> MethodConfig:
+        """This config for a training set of ``train_rows`` images: a method that keeps one row per image (a
+        memory bank) returns a copy sized for it; the others need nothing and return ``self``."""
+        return self
 
 
 @dataclass
@@ -159,11 +180,15 @@ def register_method(name: str):
     return decorator
 
 
-def build_method(name: str, config: MethodConfig | Mapping[str, Any] | None = None) -> SSLMethod:
-    """Build the method registered as ``name`` from its Config or a mapping of its fields (validated)."""
+def build_method(name: str, config: MethodConfig | Mapping[str, Any] | None = None, *,
+                 train_rows: int | None = None) -> SSLMethod:
+    """Build the method registered as ``name`` from its Config or a mapping of its fields (validated);
+    ``train_rows`` (the training set size) sizes a memory bank (``MethodConfig.for_train_rows``)."""
     cls = METHODS.get(name)
     if config is None or isinstance(config, Mapping):
         config = method_config(name, config)
+    if train_rows is not None:
+        config = config.for_train_rows(train_rows)
     return cls(config)
 
 
