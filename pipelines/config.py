@@ -265,6 +265,13 @@ class PipelineConfig:
         """Rebuild a config from ``to_dict()`` (nothing is re-resolved)."""
         return from_dict(cls, values)
 
+    @property
+    def teacher_fraction(self) -> float:
+        """The labeled fraction whose fine-tuned teacher is distilled and registered: ``distill.teacher_fraction``,
+        else ``finetune.label_fraction``."""
+        fraction = self.distill.teacher_fraction
+        return self.finetune.label_fraction if fraction is None else fraction
+
     def with_overlay(self, overlay: Mapping[str, Mapping[str, Any]]) -> PipelineConfig:
         """A copy with ``{section: {field: value}}`` replaced (``{"method": {"config": {...}}}`` for the method's
         fields), each changed section re-validated; errors name ``section.field``."""

@@ -1,7 +1,6 @@
 """The stage graph, declared once, and the driver that runs it as Ray tasks with stage reuse.
 
-    ingest -> (tune) -> pretrain -> evaluate
-                                 -> finetune -> distill -> register -> promote
+    ingest -> (tune) -> pretrain -> evaluate -> finetune -> distill -> register -> promote
 
 A stage is the function ``run(cfg, run_id, inputs) -> <its record>`` of ``pipelines.stages.<name>``, where
 ``inputs`` maps each upstream stage to its record (``pipelines.records``). ``tune`` runs only when
@@ -9,7 +8,8 @@ A stage is the function ``run(cfg, run_id, inputs) -> <its record>`` of ``pipeli
 the stages that consume it (``pretrain``).
 
 Each stage is one ``@ray.remote`` call that receives its upstream stages' records (ObjectRefs, resolved by Ray),
-so independent stages (``evaluate`` beside ``finetune``) run in parallel. The config crosses into the task as
+so independent stages run in parallel (``finetune`` waits for ``evaluate``: its label-efficiency plot shows the
+linear probe and kNN as references). The config crosses into the task as
 ``to_dict()`` and is rebuilt there once.
 
 Fingerprint of a stage = sha256(stage name, the config sections it reads, its upstream stages' fingerprints,
@@ -35,6 +35,7 @@ from pipelines.datasets import MANIFEST_NAME, read_manifest
 from pipelines.records import (
     ClassifierRecord,
     EvaluateRecord,
+    FinetuneRecord,
     IngestRecord,
     PretrainRecord,
     PromoteRecord,
@@ -58,7 +59,8 @@ class Stage:
     enabled_by: str | None = None
     output_version: int = 0
     """Raised when what the stage writes changes incompatibly (finetune and distill: 1, their models became
-    ``ssl_core.classifier.Classifier``); part of the fingerprint when not 0, so older runs are not reused."""
+    ``ssl_core.classifier.Classifier``; finetune: 2, its record holds a teacher per labeled fraction); part of the
+    fingerprint when not 0, so older runs are not reused."""
 
     def run(self, cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> StageRecord:
         """``pipelines.stages.<name>.run``, imported when the stage runs (planning, a dry run and ``sslflow ls``
@@ -75,8 +77,8 @@ STAGES: dict[str, Stage] = {
         Stage("pretrain", ("ingest", "tune"), ("method", "pretrain", "scaling.num_workers", "scaling.use_gpu"),
               PretrainRecord),
         Stage("evaluate", ("ingest", "pretrain"), ("evaluate",), EvaluateRecord, num_cpus=0.5),
-        Stage("finetune", ("ingest", "pretrain"), ("finetune", "scaling.num_workers", "scaling.use_gpu"),
-              ClassifierRecord, output_version=1),
+        Stage("finetune", ("ingest", "pretrain", "evaluate"), ("finetune", "scaling.num_workers", "scaling.use_gpu"),
+              FinetuneRecord, output_version=2),
         Stage("distill", ("ingest", "finetune"), ("distill", "scaling.num_workers", "scaling.use_gpu"),
               ClassifierRecord, output_version=1),
         Stage("register", ("ingest", "finetune", "distill"), ("registry",), RegisterRecord),

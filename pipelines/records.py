@@ -75,6 +75,25 @@ class ClassifierRecord(StageRecord):
     num_classes: int
 
 
+def fraction_key(fraction: float) -> str:
+    """How a labeled fraction names its teacher and metrics: ``0.01``, ``0.1``, ``1`` (``format(f, "g")``)."""
+    return format(fraction, "g")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneRecord(ClassifierRecord):
+    """The fine-tuned teachers, one per labeled fraction (``teachers``: ``fraction_key`` -> MLflow model URI);
+    ``model_uri`` and ``metrics["test_top1"]`` are those of ``finetune.label_fraction``."""
+
+    teachers: dict[str, str]
+
+    def teacher_uri(self, fraction: float) -> str:
+        key = fraction_key(fraction)
+        if key not in self.teachers:
+            raise KeyError(f"no teacher fine-tuned on fraction {key}; fine-tuned: {', '.join(self.teachers)}")
+        return self.teachers[key]
+
+
 @dataclass(frozen=True, kw_only=True)
 class RegisterRecord(StageRecord):
     model_name: str

@@ -376,3 +376,107 @@ def random_masking(
     mask[:, :num_keep] = 0.0
     mask = torch.gather(mask, 1, ids_restore)
     return ids_keep, mask, ids_restore
+
+
+# ---------------------------------------------------------------------------------------- strong augmentation
+STRONG_OPS: tuple[str, ...] = (
+    "identity", "autocontrast", "brightness", "contrast", "color", "sharpness", "posterize", "solarize",
+    "rotate", "shear_x", "shear_y", "translate_x", "translate_y",
+)
+"""RandAugment's operations (Cubuk et al., 2020) as FixMatch uses them, less ``equalize`` (a per-image histogram)."""
+CUTOUT_FILL = 0.5
+
+
+def _blend(images: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
+    """PIL's ``ImageEnhance``: ``clamp(degenerate + factor * (images - degenerate), 0, 1)``, factor per sample."""
+    return (degenerate + factor.view(-1, 1, 1, 1) * (images - degenerate)).clamp(0.0, 1.0)
+
+
+def _strong_op(name: str, images: Tensor, strength: Tensor, sign: Tensor) -> Tensor:
+    """One RandAugment op on every image at per-sample ``strength`` in [0, 1] (``sign`` in {-1, 1} for the signed
+    ones). Ranges at strength 1: enhance factors 1 +- 0.9, posterize to 4 bits, solarize threshold 0, rotate
+    +-30 degrees, shear +-0.3, translate +-30% of the side."""
+    batch = images.shape[0]
+    signed = strength * sign
+    if name == "identity":
+        return images
+    if name == "autocontrast":
+        low = images.amin(dim=(2, 3), keepdim=True)
+        high = images.amax(dim=(2, 3), keepdim=True)
+        return torch.where(high > low, (images - low) / (high - low).clamp(min=1e-6), images)
+    if name == "brightness":
+        return _blend(images, torch.zeros_like(images), 1.0 + 0.9 * signed)
+    if name == "contrast":
+        mean = rgb_to_grayscale(images).mean(dim=(1, 2, 3), keepdim=True)
+        return _blend(images, mean.expand_as(images), 1.0 + 0.9 * signed)
+    if name == "color":
+        return _blend(images, rgb_to_grayscale(images).expand_as(images), 1.0 + 0.9 * signed)
+    if name == "sharpness":
+        kernel = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], dtype=images.dtype) / 13.0
+        kernel = host_to_device(kernel, images.device).expand(3, 1, 3, 3)
+        smooth = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), kernel, groups=3)
+        return _blend(images, smooth, 1.0 + 0.9 * signed)
+    if name == "posterize":  # keep 8 - round(4 strength) bits of the 8-bit value
+        step = torch.pow(2.0, torch.round(4.0 * strength)).view(-1, 1, 1, 1)
+        return torch.floor(torch.round(images * 255.0) / step) * step / 255.0
+    if name == "solarize":  # invert the pixels above 1 - strength
+        threshold = (1.0 - strength).view(-1, 1, 1, 1)
+        return torch.where(images > threshold, 1.0 - images, images)
+    zero, one = torch.zeros_like(signed), torch.ones_like(signed)
+    if name == "rotate":
+        angle = signed * (math.pi / 6.0)
+        rows = [torch.cos(angle), -torch.sin(angle), zero, torch.sin(angle), torch.cos(angle), zero]
+    elif name == "shear_x":
+        rows = [one, 0.3 * signed, zero, zero, one, zero]
+    elif name == "shear_y":
+        rows = [one, zero, zero, 0.3 * signed, one, zero]
+    elif name == "translate_x":
+        rows = [one, zero, 0.6 * signed, zero, one, zero]  # 0.6 in [-1, 1] grid units = 30% of the side
+    elif name == "translate_y":
+        rows = [one, zero, zero, zero, one, 0.6 * signed]
+    else:
+        raise ValueError(f"unknown strong augmentation op {name!r}; known: {', '.join(STRONG_OPS)}")
+    theta = torch.stack(rows, dim=1).view(batch, 2, 3).to(images.dtype)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    out = F.grid_sample(images - CUTOUT_FILL, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out + CUTOUT_FILL  # outside the image: grey, as PIL's fill=(128, 128, 128)
+
+
+def cutout(images: Tensor, centres: Tensor, size: float) -> Tensor:
+    """Grey square of side ``size`` (fraction of the image side) centred at ``centres`` (B, 2) in [0, 1) (x, y),
+    clipped at the borders (DeVries & Taylor, 2017; FixMatch's strong view ends with it)."""
+    _, _, height, width = images.shape
+    ys = (torch.arange(height, device=images.device, dtype=images.dtype) + 0.5) / height
+    xs = (torch.arange(width, device=images.device, dtype=images.dtype) + 0.5) / width
+    inside_x = (xs.view(1, -1) - centres[:, :1]).abs() <= size / 2
+    inside_y = (ys.view(1, -1) - centres[:, 1:]).abs() <= size / 2
+    inside = (inside_y.unsqueeze(2) & inside_x.unsqueeze(1)).unsqueeze(1)
+    return torch.where(inside, torch.full_like(images, CUTOUT_FILL), images)
+
+
+def strong_augment(images: Tensor, num_ops: int, magnitude: float, cutout_size: float,
+                   generator: torch.Generator | None = None) -> Tensor:
+    """RandAugment-like strong view of float [0, 1] images, batched: per sample, ``num_ops`` ops drawn uniformly
+    from ``STRONG_OPS`` (with replacement), each at a strength uniform in ``[0, magnitude]`` with a random sign,
+    then ``cutout`` of side ``cutout_size`` (0 = none). All draws come from one ``torch.rand(B, 3 * num_ops + 2)``.
+    Every op runs on the whole batch and ``torch.where`` picks per sample (no host sync, no loop over samples).
+    Shape: (B, 3, H, W) float in [0, 1] -> same, in [0, 1].
+    """
+    if num_ops < 0 or not 0.0 <= magnitude <= 1.0 or not 0.0 <= cutout_size <= 1.0:
+        raise ValueError(f"num_ops={num_ops} must be >= 0, magnitude={magnitude} and cutout_size={cutout_size} "
+                         "in [0, 1]")
+    batch = images.shape[0]
+    draws = _uniform((batch, 3 * num_ops + 2), generator, images.device)
+    with torch.autocast(images.device.type, enabled=False):
+        out = images.float()
+        for slot in range(num_ops):
+            chosen = (draws[:, 3 * slot] * len(STRONG_OPS)).long().clamp(max=len(STRONG_OPS) - 1)
+            strength = draws[:, 3 * slot + 1] * magnitude
+            sign = torch.where(draws[:, 3 * slot + 2] < 0.5, -1.0, 1.0)
+            for index, name in enumerate(STRONG_OPS):
+                if name == "identity":
+                    continue
+                out = torch.where((chosen == index).view(-1, 1, 1, 1), _strong_op(name, out, strength, sign), out)
+        if cutout_size > 0:
+            out = cutout(out, draws[:, -2:], cutout_size)
+    return out

@@ -52,7 +52,10 @@ def _stage_runs(uri: str, parent_run_id: str) -> dict[str, object]:
 
 
 def test_quickstart_runs_every_stage_then_reuses_them(ray_session, tmp_path: Path, data_path: Path) -> None:
-    cfg = config_from_mapping(shrunk_quickstart(tmp_path, data_path))
+    values = shrunk_quickstart(tmp_path, data_path)  # fine-tuned with FixMatch on two labeled fractions
+    values["finetune"].update(label_fractions=[0.05, 0.1],
+                              semi={"algorithm": "fixmatch", "unlabeled_ratio": 2, "unlabeled_rows": 300})
+    cfg = config_from_mapping(values)
     first = run_pipeline(cfg)
     runs = _stage_runs(cfg.tracking.uri, first.run_id)
     assert set(runs) == set(stages_for(cfg)) == set(STAGES) - {"tune"}
@@ -60,6 +63,17 @@ def test_quickstart_runs_every_stage_then_reuses_them(ray_session, tmp_path: Pat
     assert MlflowClient(cfg.tracking.uri).get_run(first.run_id).info.status == "FINISHED"
     upstream = yaml.safe_load(runs["distill"].data.tags[tracking.UPSTREAM_TAG])
     assert upstream == {"ingest": runs["ingest"].info.run_id, "finetune": runs["finetune"].info.run_id}
+    fraction_runs = _stage_runs(cfg.tracking.uri, runs["finetune"].info.run_id)  # nested under the stage's run
+    assert set(fraction_runs) == {"finetune_fraction"}
+    nested = MlflowClient(cfg.tracking.uri).search_runs(
+        [runs["finetune"].info.experiment_id], f"tags.`mlflow.parentRunId` = '{runs['finetune'].info.run_id}'")
+    assert sorted(float(r.data.params["label_fraction"]) for r in nested) == [0.05, 0.1]
+    assert all(r.data.params["semi.algorithm"] == "fixmatch" and "mask_rate" in r.data.metrics for r in nested)
+    finetune_metrics = runs["finetune"].data.metrics
+    assert {"test_top1_fraction_0.05", "test_top1_fraction_0.1"} <= set(finetune_metrics)
+    assert finetune_metrics["test_top1"] == finetune_metrics["test_top1_fraction_0.1"]
+    plots = MlflowClient(cfg.tracking.uri).list_artifacts(runs["finetune"].info.run_id, "plots")
+    assert [a.path for a in plots] == ["plots/label_efficiency.png"]
 
     name = cfg.registry.model_name
     challenger = tracking.version_for_alias(cfg.tracking, name, tracking.CHALLENGER)

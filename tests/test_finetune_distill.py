@@ -140,9 +140,12 @@ def _config(tmp_path: Path, digits: Path):
             "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "runs")},
             "pretrain": {"epochs": 1, "batch_size": 128, "optimizer": "adamw", "lr": 2e-3, "warmup_epochs": 0.5,
                          "knn_every": 100},
-            "finetune": {"label_fraction": 0.1, "epochs": 2, "batch_size": 32, "lr": 0.05, "head_layers": 1},
+            "finetune": {"label_fraction": 0.1, "label_fractions": [0.05, 0.1], "epochs": 2, "batch_size": 32,
+                         "lr": 0.05, "head_layers": 1,
+                         "semi": {"algorithm": "fixmatch", "unlabeled_ratio": 2, "unlabeled_rows": 300,
+                                  "threshold": 0.5}},
             "distill": {"student_backbone": "resnet8", "epochs": 1, "batch_size": 64, "lr": 0.05,
-                        "temperature": 1.0, "labeled_loss_weight": 0.5},
+                        "temperature": 1.0, "labeled_loss_weight": 0.5, "teacher_fraction": 0.05},
         },
         base=tmp_path,
     )
@@ -164,32 +167,58 @@ def _logits(model_uri: str) -> torch.Tensor:
         return model(torch.rand(5, 3, 16, 16))
 
 
+def _fraction_runs(cfg, stage_run_id: str) -> dict[float, object]:
+    client = MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{stage_run_id}'")
+    return {float(run.data.params["label_fraction"]): run for run in runs}
+
+
 def test_pretrain_finetune_distill_end_to_end(ray_session, tmp_path: Path, digits: Path) -> None:
+    """FixMatch on two nested labeled fractions, on 2 Ray Train workers; distill takes the 5% teacher."""
     cfg = _config(tmp_path, digits)
     _, pretrain_record = _stage(cfg, pretrain, {})
     finetune_id, teacher = _stage(cfg, finetune, {"pretrain": pretrain_record})
     distill_id, student = _stage(cfg, distill, {"finetune": teacher})
     mlflow.set_tracking_uri(cfg.tracking.uri)
 
-    num_labeled = len(labeled_subset_ids(digits, "train", 0.1, 0))
+    runs = _fraction_runs(cfg, finetune_id)
+    assert set(runs) == {0.05, 0.1} and set(teacher.teachers) == {"0.05", "0.1"}
+    assert all(run.info.status == "FINISHED" and run.data.params["semi.algorithm"] == "fixmatch"
+               for run in runs.values())
+    assert teacher.model_uri == teacher.teachers["0.1"] != teacher.teachers["0.05"]
     assert teacher.num_classes == student.num_classes == 10
-    assert teacher.metrics["num_labeled"] == num_labeled
+    for fraction, run in runs.items():
+        run_id = run.info.run_id
+        num_labeled = len(labeled_subset_ids(digits, "train", fraction, 0))
+        assert _history(cfg, run_id, "num_labeled") == [(2, num_labeled)]
+        assert [s for s, _ in _history(cfg, run_id, "epoch_loss")] == [1, 2]
+        # 2 workers x 32 labeled rows (fewer when the subset cannot fill them), steps continuous across epochs
+        per_worker = min(32, num_labeled // 2)
+        steps = num_labeled // (2 * per_worker)
+        assert _history(cfg, run_id, "steps_per_epoch") == [(0, steps)]
+        assert [s for s, _ in _history(cfg, run_id, "train_loss")] == list(range(2 * steps))
+        masks = [v for _, v in _history(cfg, run_id, "mask_rate")]
+        assert len(masks) == 2 * steps and all(0.0 <= v <= 1.0 for v in masks)
+        assert len(_history(cfg, run_id, "unsupervised_loss")) == 2 * steps
+        top1 = teacher.metrics[f"test_top1_fraction_{fraction:g}"]
+        assert _history(cfg, run_id, "test_top1") == [(2, pytest.approx(top1))]
+        assert 0.0 <= top1 <= 1.0
+    assert teacher.metrics["test_top1"] == teacher.metrics["test_top1_fraction_0.1"]
     assert teacher.metrics["label_fraction"] == 0.1
-    assert 0.0 <= teacher.metrics["test_top1"] <= 1.0
-    assert _history(cfg, finetune_id, "num_labeled") == [(2, num_labeled)]
-    assert [s for s, _ in _history(cfg, finetune_id, "epoch_loss")] == [1, 2]
-    train_steps = [s for s, _ in _history(cfg, finetune_id, "train_loss")]
-    assert train_steps == list(range(2 * (num_labeled // 64)))  # per step, continuous across epochs
-    # 2 workers x 32 rows, as many whole global batches as the subset holds
-    assert _history(cfg, finetune_id, "steps_per_epoch") == [(0, num_labeled // 64)]
-    assert _history(cfg, finetune_id, "test_top1") == [(2, pytest.approx(teacher.metrics["test_top1"]))]
-    teacher_logits = _logits(teacher.model_uri)
+    assert _history(cfg, finetune_id, "test_top1_fraction_0.05") == [
+        (0, pytest.approx(teacher.metrics["test_top1_fraction_0.05"]))]
+    artifacts = [a.path for a in MlflowClient(cfg.tracking.uri).list_artifacts(finetune_id, "plots")]
+    assert artifacts == ["plots/label_efficiency.png"]
+    teacher_logits = _logits(teacher.teachers["0.05"])
     assert teacher_logits.shape == (5, 10) and torch.isfinite(teacher_logits).all()
 
     metrics = student.metrics
     assert set(metrics) == {"teacher_test_top1", "student_test_top1", "test_top1"}
     assert metrics["test_top1"] == metrics["student_test_top1"] and 0.0 <= metrics["test_top1"] <= 1.0
-    assert metrics["teacher_test_top1"] == pytest.approx(teacher.metrics["test_top1"])
+    # the distilled teacher is the one of distill.teacher_fraction
+    assert metrics["teacher_test_top1"] == pytest.approx(teacher.metrics["test_top1_fraction_0.05"])
+    assert MlflowClient(cfg.tracking.uri).get_run(distill_id).data.params["teacher_fraction"] == "0.05"
     losses = _history(cfg, distill_id, "epoch_loss")
     assert [s for s, _ in losses] == [1] and np.isfinite(losses[0][1])
     student_logits = _logits(student.model_uri)

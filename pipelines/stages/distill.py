@@ -1,14 +1,15 @@
 """Distillation stage (SimCLRv2, Sec. 2.3): the fine-tuned teacher labels every train image with its softened
 predictions and a fresh student (``distill.student_backbone``) learns them, optionally mixed with the labeled loss.
+The teacher is the one fine-tuned on ``distill.teacher_fraction`` (default ``finetune.label_fraction``).
 
 Per batch (one crop-and-flip view of each image, seen by both networks)::
 
     loss = (1 - w) * DistillationLoss(T)(student_logits, teacher_logits) + w * CE(student_logits, label)
 
 with ``w = distill.labeled_loss_weight`` and the CE averaged over the rows that carry a label (those of the
-fine-tuning subset; the other rows have label -1). The driver streams all train rows; each Ray Train worker loads
-the teacher from its MLflow model URI, frozen and in eval mode. Rank 0 logs the teacher's and the student's
-test top-1 at the end, and the student as the MLflow model ``student``.
+teacher's fine-tuning subset; the other rows have label -1). The driver streams all train rows; each Ray Train
+worker loads the teacher from its MLflow model URI, frozen and in eval mode. Rank 0 logs the teacher's and the
+student's test top-1 at the end, and the student as the MLflow model ``student``.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pipelines import supervised, tracking
 from pipelines.config import PipelineConfig, from_dict
 from pipelines.datasets import labeled_subset_ids, read_manifest, read_split
 from pipelines.ray_train import fit, train_run_name
-from pipelines.records import ClassifierRecord, StageRecord
+from pipelines.records import ClassifierRecord, FinetuneRecord, StageRecord
 from pipelines.train_loop import train, worker_info
 from ssl_core.classifier import Classifier, student_classifier
 from ssl_core.device import model_to_memory_format
@@ -85,7 +86,7 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train worker. Returns (on rank 0) ``{"model_uri", "metrics"}``."""
     job = from_dict(DistillJob, values)
     cfg, d = job.config, job.config.distill
-    info = worker_info(cfg.scaling.cpus_per_worker)
+    info = worker_info(cfg.scaling.cpus_per_worker, cfg.scaling.torch_threads, "distill")
     teacher = _frozen_teacher(job, info.device)
     normalization = teacher.normalization()
     student = student_classifier(d.student_backbone, cfg.data.image_size, job.num_classes, mean=normalization.mean,
@@ -107,11 +108,13 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
 def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> ClassifierRecord:
     """Distill the fine-tuned teacher into a fresh student on every train row; the labels of the fine-tuning subset
     feed the optional labeled loss. Metrics ``teacher_test_top1``, ``student_test_top1``, ``test_top1``."""
-    teacher: ClassifierRecord = inputs["finetune"]
+    teacher: FinetuneRecord = inputs["finetune"]
     supervised.check_test_split(cfg.data.path)
-    labeled_ids = labeled_subset_ids(cfg.data.path, "train", cfg.finetune.label_fraction, cfg.data.seed)
+    fraction = cfg.teacher_fraction
+    labeled_ids = labeled_subset_ids(cfg.data.path, "train", fraction, cfg.data.seed)
     train_rows = read_manifest(cfg.data.path)["splits"]["train"]["rows"]
-    job = DistillJob(cfg, run_id, teacher.num_classes, train_rows, teacher.model_uri)
+    tracking.log_params(cfg.tracking, run_id, {"teacher_fraction": fraction})
+    job = DistillJob(cfg, run_id, teacher.num_classes, train_rows, teacher.teacher_uri(fraction))
     dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size, labeled_ids=labeled_ids)
     run_name = train_run_name("distill", run_id)
     result = fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset})

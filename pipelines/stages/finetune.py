@@ -1,10 +1,18 @@
 """Fine-tuning stage (SimCLRv2): the pretrained encoder plus the first ``finetune.head_layers`` blocks of its
-projection head (``SSLMethod.finetune_head``), under a new linear classifier, trained with cross-entropy on a
-class-balanced labeled fraction of the train split.
+projection head (``SSLMethod.finetune_head``), under a new linear classifier, trained on a class-balanced labeled
+fraction of the train split, once per fraction of ``finetune.fractions`` (label efficiency in one stage).
 
-The driver picks the labeled subset (``labeled_subset_ids``) and streams exactly those rows through Ray Data;
-each Ray Train worker downloads the pretrain checkpoint from MLflow and builds the classifier; rank 0 logs the
-test-split top-1 at the end and the classifier as the MLflow model ``classifier``.
+Per fraction, the driver picks the labeled subset (``labeled_subset_ids``; seeded and nested across fractions),
+opens an MLflow run nested under the stage's run and streams exactly those rows through Ray Data; each Ray Train
+worker downloads the pretrain checkpoint from MLflow and builds the classifier. With ``finetune.semi.algorithm:
+none`` it trains with cross-entropy on the labeled rows only; otherwise every worker also holds an unlabeled pool
+(all train rows, at most ``semi.unlabeled_rows``: the fraction's labeled rows plus a seeded subset of the others,
+split between the workers) and runs ``ssl_core.semi.SemiObjective``. Rank 0 logs the test-split top-1 and the
+classifier as the MLflow model ``classifier`` in the fraction's run.
+
+The stage's run gets ``test_top1_fraction_<f>`` per fraction, ``test_top1`` of ``finetune.label_fraction``, and
+``plots/label_efficiency.png``: test top-1 against the labeled fraction, with the evaluate stage's linear probe and
+kNN on the frozen SSL features (all train labels) as references.
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,12 +29,20 @@ from torch import Tensor, nn
 
 from pipelines import supervised, tracking
 from pipelines.config import PipelineConfig, from_dict
-from pipelines.datasets import labeled_subset_ids, read_manifest, read_split
+from pipelines.datasets import labeled_subset_ids, load_split_tensors, read_manifest, read_split
+from pipelines.knn_monitor import pretrain_rows
 from pipelines.ray_train import fit, train_run_name
-from pipelines.records import ClassifierRecord, PretrainRecord, StageRecord
-from pipelines.train_loop import train, worker_info
+from pipelines.records import EvaluateRecord, FinetuneRecord, PretrainRecord, StageRecord, fraction_key
+from pipelines.train_loop import LoopSpec, WorkerInfo, train, worker_info
 from ssl_core.classifier import Classifier, classifier_from_method
+from ssl_core.evaluate import extract_features
 from ssl_core.methods import StepOutput, build_method
+from ssl_core.semi import SemiObjective, UnlabeledPool, pool_subset, semi_views
+from ssl_core.semi.propagation import propagated_labels
+from ssl_core.training import Objective
+
+FRACTION_STAGE_TAG = "finetune_fraction"
+"""``sslflow.stage`` of a fraction's run nested under the stage's run."""
 
 
 @dataclass(frozen=True)
@@ -34,8 +51,10 @@ class FinetuneJob:
 
     config: PipelineConfig
     run_id: str
+    """The fraction's (nested) MLflow run."""
     num_classes: int
     num_labeled: int
+    label_fraction: float
     checkpoint_uri: str
 
 
@@ -44,46 +63,133 @@ def _pretrained_classifier(job: FinetuneJob) -> Classifier:
     with tempfile.TemporaryDirectory() as directory:
         path = tracking.download_artifact(cfg.tracking, job.checkpoint_uri, directory)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    method = build_method(cfg.method.name, cfg.method.config)
+    # The pretrain checkpoint's memory bank (NPID, PCL, ...) has one row per pretraining image: build it that size.
+    method = build_method(cfg.method.name, cfg.method.config, train_rows=pretrain_rows(read_manifest(cfg.data.path)))
     method.load_state_dict(state["model"])
     return classifier_from_method(method, cfg.finetune.head_layers, job.num_classes)
+
+
+def unlabeled_pool(job: FinetuneJob, info: WorkerInfo) -> tuple[UnlabeledPool, UnlabeledPool]:
+    """``(whole pool, this worker's part)``: the train rows with the fraction's labels (-1 elsewhere), at most
+    ``semi.unlabeled_rows`` of them (``pool_subset``), the part being every ``world_size``-th row from ``rank``."""
+    cfg = job.config
+    labeled_ids = labeled_subset_ids(cfg.data.path, "train", job.label_fraction, cfg.data.seed)
+    images, labels = load_split_tensors(cfg.data.path, "train", cfg.data.image_size, labeled_only=False,
+                                        labeled_ids=labeled_ids)
+    rows = pool_subset(labels, cfg.finetune.semi.unlabeled_rows, cfg.data.seed)
+    part = rows[info.rank::info.world_size]
+    return UnlabeledPool(images[rows], labels[rows]), UnlabeledPool(images[part], labels[part])
+
+
+def _objective(job: FinetuneJob, model: Classifier, info: WorkerInfo,
+               spec: LoopSpec) -> tuple[Objective, dict[str, Any]]:
+    """The stage's objective and the loop hooks it needs (``after_step``, ``before_epoch``)."""
+    cfg, semi = job.config, job.config.finetune.semi
+    if semi.algorithm == "none":
+        view = supervised.training_view(cfg.data.image_size, model.normalization(), info.device)
+
+        def cross_entropy(wrapped: nn.Module, batch: dict[str, Tensor], generator: torch.Generator) -> StepOutput:
+            return StepOutput(F.cross_entropy(wrapped(view(batch["image"], generator)).float(), batch["label"]))
+
+        return cross_entropy, {}
+    pool, part = unlabeled_pool(job, info)
+    propagated = None
+    if semi.algorithm == "label_propagation":
+        features = extract_features(model.encoder, pool.images, device=info.device, normalize=model.normalization())
+        pseudo, weights = propagated_labels(features, pool.labels, job.num_classes, k=semi.propagation_k,
+                                            alpha=semi.propagation_alpha, gamma=semi.propagation_gamma,
+                                            iterations=semi.propagation_iterations)
+        part_rows = torch.arange(len(pool.labels))[info.rank::info.world_size]
+        propagated = (pseudo[part_rows], weights[part_rows])
+    objective = SemiObjective(semi, part, job.num_classes, semi_views(cfg.data.image_size, model.normalization(),
+                                                                      semi, info.device),
+                              device=info.device, total_steps=spec.total_steps,
+                              steps_per_epoch=spec.batch.steps_per_epoch, propagated=propagated)
+    return objective, {"after_step": objective.after_step, "before_epoch": objective.before_epoch}
 
 
 def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train worker. Returns (on rank 0) ``{"model_uri", "metrics"}``."""
     job = from_dict(FinetuneJob, values)
     cfg, f = job.config, job.config.finetune
-    info = worker_info(cfg.scaling.cpus_per_worker)
+    info = worker_info(cfg.scaling.cpus_per_worker, cfg.scaling.torch_threads, "finetune")
     model = _pretrained_classifier(job)
-    view = supervised.training_view(cfg.data.image_size, model.normalization(), info.device)
-
-    def cross_entropy(wrapped: nn.Module, batch: dict[str, Tensor], generator: torch.Generator) -> StepOutput:
-        return StepOutput(F.cross_entropy(wrapped(view(batch["image"], generator)).float(), batch["label"]))
-
     spec = supervised.loop_spec("finetune", epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
                                 weight_decay=f.weight_decay, rows=job.num_labeled, seed=cfg.data.seed,
                                 world_size=info.world_size)
-    model, _ = train(model, cross_entropy, spec, info, tracking_config=cfg.tracking, run_id=job.run_id)
+    objective, hooks = _objective(job, model, info, spec)
+    model, _ = train(model, objective, spec, info, tracking_config=cfg.tracking, run_id=job.run_id, **hooks)
     if not info.is_chief:
         return None
     [top1] = supervised.test_top1(cfg, info.device, model)
-    results = {"test_top1": top1, "label_fraction": f.label_fraction, "num_labeled": job.num_labeled}
-    print(f"[finetune] test top-1 {results['test_top1']:.4f} ({job.num_labeled} labeled rows)", flush=True)
+    results = {"test_top1": top1, "label_fraction": job.label_fraction, "num_labeled": job.num_labeled}
+    print(f"[finetune] fraction {job.label_fraction:g} ({f.semi.algorithm}): test top-1 {top1:.4f} "
+          f"({job.num_labeled} labeled rows)", flush=True)
     return supervised.finish(cfg, job.run_id, model, "classifier", results, f.epochs)
 
 
-def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> ClassifierRecord:
-    """Fine-tune the pretrain checkpoint on ``finetune.label_fraction`` of the labeled train rows; metrics
-    ``test_top1``, ``label_fraction``, ``num_labeled``."""
+def _finetune_fraction(cfg: PipelineConfig, run_id: str, pretrain: PretrainRecord, fraction: float,
+                       num_classes: int) -> dict[str, Any]:
+    """One fraction in its own MLflow run nested under the stage's ``run_id``; ``{"model_uri", "metrics"}``."""
+    labeled_ids = labeled_subset_ids(cfg.data.path, "train", fraction, cfg.data.seed)
+    tags = {tracking.STAGE_TAG: FRACTION_STAGE_TAG, tracking.PIPELINE_TAG: cfg.name}
+    params = {"label_fraction": fraction, "num_labeled": len(labeled_ids),
+              "semi": dataclasses.asdict(cfg.finetune.semi)}
+    with tracking.run(cfg.tracking, f"finetune-{fraction_key(fraction)}", tags, run_id, params) as fraction_run_id:
+        job = FinetuneJob(cfg, fraction_run_id, num_classes, len(labeled_ids), fraction, pretrain.checkpoint_uri)
+        dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size, labeled_only=True,
+                             labeled_ids=labeled_ids)
+        run_name = train_run_name("finetune", fraction_run_id)
+        result = fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset})
+        if result.return_value is None:
+            raise RuntimeError(f"finetune run {run_name} returned no record from rank 0")
+        return result.return_value
+
+
+def label_efficiency_plot(top1: dict[float, float], references: dict[str, float], path: Path,
+                          title: str) -> None:
+    """Test top-1 against the labeled fraction (log x axis), with each reference as a horizontal line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = sorted(top1)
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    axis.plot(fractions, [top1[f] for f in fractions], marker="o", label="fine-tuned teacher")
+    for (name, value), style in zip(references.items(), ("--", ":", "-.")):
+        axis.axhline(value, linestyle=style, color="grey", label=f"{name} ({value:.3f})")
+    axis.set_xscale("log")
+    axis.set_xticks(fractions, [f"{f:g}" for f in fractions])
+    axis.set_xlabel("labeled fraction of the train split")
+    axis.set_ylabel("test top-1")
+    axis.set_title(title)
+    axis.legend(loc="lower right")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> FinetuneRecord:
+    """Fine-tune the pretrain checkpoint on each of ``finetune.fractions`` (see the module docstring); metrics
+    ``test_top1``, ``label_fraction``, ``num_labeled`` (of ``finetune.label_fraction``) and
+    ``test_top1_fraction_<f>`` per fraction."""
     pretrain: PretrainRecord = inputs["pretrain"]
     supervised.check_test_split(cfg.data.path)
-    labeled_ids = labeled_subset_ids(cfg.data.path, "train", cfg.finetune.label_fraction, cfg.data.seed)
     num_classes = read_manifest(cfg.data.path)["num_classes"]
-    job = FinetuneJob(cfg, run_id, num_classes, len(labeled_ids), pretrain.checkpoint_uri)
-    dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size, labeled_only=True,
-                         labeled_ids=labeled_ids)
-    run_name = train_run_name("finetune", run_id)
-    result = fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset})
-    if result.return_value is None:
-        raise RuntimeError(f"finetune run {run_name} returned no record from rank 0")
-    return ClassifierRecord(num_classes=num_classes, **result.return_value)
+    results = {fraction: _finetune_fraction(cfg, run_id, pretrain, fraction, num_classes)
+               for fraction in cfg.finetune.fractions}
+    per_fraction = {f"test_top1_fraction_{fraction_key(f)}": r["metrics"]["test_top1"] for f, r in results.items()}
+    primary = results[cfg.finetune.label_fraction]
+    metrics = {**primary["metrics"], **per_fraction}
+    tracking.log_metrics(cfg.tracking, run_id, [(0, metrics)])
+    evaluate: EvaluateRecord | None = inputs.get("evaluate")
+    references = {} if evaluate is None else {
+        "linear probe, SSL features, all labels": evaluate.metrics["linear_top1_ssl"],
+        "kNN, SSL features, all labels": evaluate.metrics["knn_top1_ssl"]}
+    with tempfile.TemporaryDirectory() as directory:
+        plot = Path(directory) / "label_efficiency.png"
+        label_efficiency_plot({f: r["metrics"]["test_top1"] for f, r in results.items()}, references, plot,
+                              f"{cfg.method.name}, fine-tuning with semi: {cfg.finetune.semi.algorithm}")
+        tracking.log_artifact(cfg.tracking, run_id, plot, "plots")
+    return FinetuneRecord(num_classes=num_classes, model_uri=primary["model_uri"], metrics=metrics,
+                          teachers={fraction_key(f): r["model_uri"] for f, r in results.items()})
