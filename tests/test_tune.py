@@ -67,7 +67,8 @@ def test_yaml_bounds_become_domains_and_are_checked_at_config_load(tmp_path: Pat
         domain_from_spec("temperature", {"uniform": [0.5, 0.1]})
 
     def load(tune_section: dict):
-        return config_from_mapping({"method": {"name": "simclr"}, "tune": {"enabled": True, **tune_section}}, tmp_path)
+        return config_from_mapping({"method": {"name": "simclr"}, "pretrain": {"warmup_epochs": 1},
+                                    "tune": {"enabled": True, **tune_section}}, tmp_path)
 
     with pytest.raises(ValueError, match=r"method.config.temperature=0.001 is out of range \[0.01, 10.0\]"):
         load({"bounds": {"temperature": {"loguniform": [0.001, 0.5]}}})
@@ -79,7 +80,7 @@ def test_yaml_bounds_become_domains_and_are_checked_at_config_load(tmp_path: Pat
         load({"epochs": 2, "grace_period": 5})
     with pytest.raises(ValueError, match="searches nothing"):
         config_from_mapping({"method": {"name": "rotation"}, "finetune": {"head_layers": 0},
-                             "tune": {"enabled": True}}, tmp_path)
+                             "pretrain": {"warmup_epochs": 1}, "tune": {"enabled": True}}, tmp_path)
     cfg = load({"search_lr": True, "bounds": {"temperature": {"choice": [0.1, 0.2]}}})
     assert list(stages_for(cfg)) == ["ingest", "tune", "pretrain", "evaluate", "finetune", "distill", "register",
                                      "promote"]
