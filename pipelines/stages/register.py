@@ -1,6 +1,7 @@
 """Register stage: the distilled student and the fine-tuned teacher it was distilled from
 (``distill.teacher_fraction``) become new versions in the MLflow Model Registry (``<model_name>`` and
-``<model_name>-teacher``), tagged with their metrics, the dataset hash and the pipeline run id; the student version gets the alias ``challenger``. Each registration is all or nothing.
+``<model_name>-teacher``), tagged with their metrics, the dataset hash and the pipeline run id; the student
+version gets the alias ``challenger``. Each registration is all or nothing.
 """
 
 from __future__ import annotations
