@@ -57,8 +57,30 @@ def teacher_temperature_at(step: int, total_steps: int, config: DINOConfig) -> f
     return config.warmup_teacher_temperature + fraction * (config.teacher_temperature - config.warmup_teacher_temperature)
 
 
+class SelfDistillation(SSLMethod):
+    """What DINO and DINOv2 share: the multi-crop views (2 global + ``num_local_crops`` local) and the teacher
+    temperature ``teacher_temperature_now``, set after each optimizer step by ``teacher_temperature_at`` and carried
+    across checkpoints as extra state. The subclass sets ``teacher_temperature_now`` in ``__init__``."""
+
+    teacher_temperature_now: float
+
+    def get_extra_state(self) -> dict[str, float]:
+        return {"teacher_temperature_now": self.teacher_temperature_now}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.teacher_temperature_now = float(state["teacher_temperature_now"])
+
+    def view_generator(self) -> ViewGenerator:
+        return dino_views(self.config.image_size, self.config.num_local_crops)
+
+    @torch.no_grad()
+    def on_after_optimizer_step(self, step: int, total_steps: int) -> None:
+        super().on_after_optimizer_step(step, total_steps)
+        self.teacher_temperature_now = teacher_temperature_at(step + 1, total_steps, self.config)
+
+
 @register_method("dino")
-class DINO(SSLMethod):
+class DINO(SelfDistillation):
     Config = DINOConfig
 
     def __init__(self, config: DINOConfig) -> None:
@@ -83,15 +105,6 @@ class DINO(SSLMethod):
         )
         self.teacher_temperature_now = teacher_temperature_at(0, 1, config)
 
-    def get_extra_state(self) -> dict[str, float]:
-        return {"teacher_temperature_now": self.teacher_temperature_now}
-
-    def set_extra_state(self, state: dict[str, float]) -> None:
-        self.teacher_temperature_now = float(state["teacher_temperature_now"])
-
-    def view_generator(self) -> ViewGenerator:
-        return dino_views(self.config.image_size, self.config.num_local_crops)
-
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder, self.teacher_encoder), (self.head, self.teacher_head)]
 
@@ -107,8 +120,3 @@ class DINO(SSLMethod):
             teacher_out = list(self.teacher_head(self.teacher_encoder(torch.cat(global_views))).float().split(batch))
         loss = self.criterion(student_out, teacher_out, teacher_temperature=self.teacher_temperature_now)
         return StepOutput(loss, {"teacher_temperature": torch.tensor(self.teacher_temperature_now)})
-
-    @torch.no_grad()
-    def on_after_optimizer_step(self, step: int, total_steps: int) -> None:
-        super().on_after_optimizer_step(step, total_steps)
-        self.teacher_temperature_now = teacher_temperature_at(step + 1, total_steps, self.config)

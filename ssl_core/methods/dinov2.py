@@ -27,9 +27,8 @@ from ssl_core.ema import frozen_copy
 from ssl_core.heads import DINOHead
 from ssl_core.hparams import FieldValueError, bounded
 from ssl_core.losses import CENTERINGS, DINOLoss, IBOTPatchLoss, KoLeoLoss
-from ssl_core.methods.base import MethodConfig, SSLMethod, StepOutput, register_method
-from ssl_core.methods.dino import teacher_temperature_at
-from ssl_core.views import ViewGenerator, dino_views
+from ssl_core.methods.base import MethodConfig, StepOutput, register_method
+from ssl_core.methods.dino import SelfDistillation, teacher_temperature_at
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def random_patch_mask(batch: int, num_patches: int, ratio_min: float, ratio_max:
 
 
 @register_method("dinov2")
-class DINOv2(SSLMethod):
+class DINOv2(SelfDistillation):
     Config = DINOv2Config
 
     def __init__(self, config: DINOv2Config) -> None:
@@ -104,15 +103,6 @@ class DINOv2(SSLMethod):
                                        gather_distributed=config.gather_distributed)
         self.koleo_loss = KoLeoLoss()
         self.teacher_temperature_now = teacher_temperature_at(0, 1, config)
-
-    def get_extra_state(self) -> dict[str, float]:
-        return {"teacher_temperature_now": self.teacher_temperature_now}
-
-    def set_extra_state(self, state: dict[str, float]) -> None:
-        self.teacher_temperature_now = float(state["teacher_temperature_now"])
-
-    def view_generator(self) -> ViewGenerator:
-        return dino_views(self.config.image_size, self.config.num_local_crops)
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return [(self.encoder, self.teacher_encoder), (self.head, self.teacher_head),
@@ -146,8 +136,3 @@ class DINOv2(SSLMethod):
         logs = {"dino_loss": dino.detach(), "ibot_loss": ibot.detach(), "koleo_loss": koleo.detach(),
                 "teacher_temperature": torch.tensor(temperature)}
         return StepOutput(loss, logs)
-
-    @torch.no_grad()
-    def on_after_optimizer_step(self, step: int, total_steps: int) -> None:
-        super().on_after_optimizer_step(step, total_steps)
-        self.teacher_temperature_now = teacher_temperature_at(step + 1, total_steps, self.config)
