@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_core.distributed import gather_with_grad, is_distributed, rank, world_size
+from ssl_core.distributed import gather_with_grad, is_distributed, rank
 
 _BATCH_NORM_EPS = 1e-5  # BatchNorm1d(affine=False) default, as in Barlow Twins' reference code
 _PIXEL_NORM_EPS = 1e-6  # MAE's per-patch target normalisation
@@ -154,6 +154,20 @@ class BYOLLoss(nn.Module):
         return (2 - 2 * cosine).mean()
 
 
+
+def ema_center_update(center: torch.Tensor, total: torch.Tensor, count: torch.Tensor, momentum: float,
+                      gather_distributed: bool) -> None:
+    """``center <- momentum * center + (1 - momentum) * total / max(count, 1)``, in place; with
+    ``gather_distributed`` and a process group, ``total`` and ``count`` are first summed over ranks (all-reduce), so
+    every rank's center follows the global batch, as DINO's reference code does. Shape: center and total (1, dim),
+    count (1,)."""
+    if gather_distributed and is_distributed():
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    batch_center = (total / count.clamp_min(1.0)).to(center.dtype)
+    center.mul_(momentum).add_(batch_center, alpha=1 - momentum)
+
+
 class DINOLoss(nn.Module):
     """DINO's cross-entropy between a centred, sharpened teacher and the student, over crop pairs.
 
@@ -253,13 +267,9 @@ class DINOLoss(nn.Module):
     def update_center(self, teacher_out: Sequence[torch.Tensor]) -> None:
         """EMA of the teacher outputs' batch mean (over crops, samples and, if gathering, ranks)."""
         teacher = torch.cat(list(teacher_out), dim=0)
-        batch_sum = teacher.sum(dim=0, keepdim=True)
-        count = teacher.shape[0]
-        if self.gather_distributed and is_distributed():
-            dist.all_reduce(batch_sum)  # summed over ranks, as DINO's reference code does
-            count *= world_size()
-        batch_center = (batch_sum / count).to(self.center.dtype)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        count = torch.full((1,), float(teacher.shape[0]), device=teacher.device)
+        ema_center_update(self.center, teacher.sum(dim=0, keepdim=True), count, self.center_momentum,
+                          self.gather_distributed)
 
 
 class BarlowTwinsLoss(nn.Module):
@@ -531,12 +541,8 @@ class IBOTPatchLoss(nn.Module):
     def update_center(self, teacher_patches: torch.Tensor, weights: torch.Tensor) -> None:
         """EMA of the mean teacher output over the masked patches (and ranks, if gathering)."""
         masked_sum = (teacher_patches.float() * weights.unsqueeze(-1)).sum(dim=(0, 1)).unsqueeze(0)
-        count = weights.sum().reshape(1).float()
-        if self.gather_distributed and is_distributed():
-            dist.all_reduce(masked_sum)
-            dist.all_reduce(count)
-        batch_center = (masked_sum / count.clamp_min(1.0)).to(self.center.dtype)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+        ema_center_update(self.center, masked_sum, weights.sum().reshape(1).float(), self.center_momentum,
+                          self.gather_distributed)
 
 
 class FeaturePredictionLoss(nn.Module):
