@@ -1,4 +1,5 @@
-"""Session-wide fixtures: one local Ray instance per test session (2 CPUs).
+"""Session-wide fixtures: one local Ray instance per test session (2 CPUs), and one shared end-to-end run of the
+shrunk quickstart pipeline that several test files inspect (its stages, registry, served model, report).
 
 The dashboard stays on: it serves the state API through which Ray Train's placement-group cleaner sees that a
 Train controller died (a Tune trial stopped by ASHA) and frees its workers' CPUs; without it they leak.
@@ -7,8 +8,11 @@ Train controller died (a Tune trial stopped by ASHA) and frees its workers' CPUs
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
@@ -21,3 +25,52 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shrunk_quickstart(tmp_path: Path, data_path: Path) -> dict:
+    """The quickstart pipeline made tiny: ResNet-8 at 16 px, one epoch per training stage."""
+    values = yaml.safe_load((REPO / "pipelines/configs/quickstart.yaml").read_text())
+    values["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "mlartifacts")}
+    values["data"]["path"] = str(data_path)
+    values["method"]["config"].update(backbone="resnet8", projection_hidden_dim=32, projection_dim=16)
+    values["scaling"].update(cpus_per_worker=0.5, storage_path=str(tmp_path / "runs"))
+    values["pretrain"].update(epochs=1, knn_every=1)
+    values["evaluate"].update(linear_probe_epochs=5)
+    values["finetune"].update(epochs=1)
+    values["distill"].update(epochs=1)
+    return values
+
+
+@dataclass(frozen=True)
+class QuickstartRun:
+    """The shared pipeline run: its config mapping, validated config, result and working folder."""
+
+    values: dict
+    cfg: object  # pipelines.config.PipelineConfig
+    result: object  # pipelines.dag.PipelineResult
+    workdir: Path
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(ray_session, tmp_path_factory) -> QuickstartRun:
+    """One run of the shrunk quickstart for the whole session: 2 Ray Train workers, fine-tuned with FixMatch on two
+    nested labeled fractions (0.05, 0.1) for 2 epochs, the 0.05 teacher distilled.
+
+    Tests inspect it; they may rerun it (every stage is then reused) but must not move its aliases or add versions:
+    a test that needs to change the registry runs its own pipeline.
+    """
+    from pipelines.config import config_from_mapping
+    from pipelines.dag import run_pipeline
+
+    workdir = tmp_path_factory.mktemp("quickstart")
+    values = shrunk_quickstart(workdir, workdir / "digits")
+    values["scaling"]["num_workers"] = 2
+    values["finetune"].update(label_fractions=[0.05, 0.1], epochs=2, batch_size=32, head_layers=1,
+                              semi={"algorithm": "fixmatch", "unlabeled_ratio": 2, "unlabeled_rows": 300,
+                                    "threshold": 0.5})
+    values["distill"].update(teacher_fraction=0.05, labeled_loss_weight=0.5)
+    cfg = config_from_mapping(values)
+    return QuickstartRun(values=values, cfg=cfg, result=run_pipeline(cfg), workdir=workdir)

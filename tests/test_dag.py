@@ -18,30 +18,10 @@ from mlflow.tracking import MlflowClient
 from pipelines import tracking
 from pipelines.config import config_from_mapping
 from pipelines.dag import STAGES, downstream_of, run_pipeline, stages_for
+from conftest import shrunk_quickstart
 from pipelines.stages.promote import promote, promotion_decision
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def shrunk_quickstart(tmp_path: Path, data_path: Path) -> dict:
-    """The quickstart pipeline made tiny: ResNet-8 at 16 px, one epoch per training stage."""
-    values = yaml.safe_load((REPO / "pipelines/configs/quickstart.yaml").read_text())
-    values["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "mlartifacts")}
-    values["data"]["path"] = str(data_path)
-    values["method"]["config"].update(backbone="resnet8", projection_hidden_dim=32, projection_dim=16)
-    values["scaling"].update(cpus_per_worker=0.5, storage_path=str(tmp_path / "runs"))
-    values["pretrain"].update(epochs=1, knn_every=1)
-    values["evaluate"].update(linear_probe_epochs=5)
-    values["finetune"].update(epochs=1)
-    values["distill"].update(epochs=1)
-    return values
-
-
-@pytest.fixture(scope="module")
-def data_path(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data") / "digits"
 
 
 def _stage_runs(uri: str, parent_run_id: str) -> dict[str, object]:
@@ -51,12 +31,8 @@ def _stage_runs(uri: str, parent_run_id: str) -> dict[str, object]:
     return {run.data.tags[tracking.STAGE_TAG]: run for run in runs}
 
 
-def test_quickstart_runs_every_stage_then_reuses_them(ray_session, tmp_path: Path, data_path: Path) -> None:
-    values = shrunk_quickstart(tmp_path, data_path)  # fine-tuned with FixMatch on two labeled fractions
-    values["finetune"].update(label_fractions=[0.05, 0.1],
-                              semi={"algorithm": "fixmatch", "unlabeled_ratio": 2, "unlabeled_rows": 300})
-    cfg = config_from_mapping(values)
-    first = run_pipeline(cfg)
+def test_quickstart_runs_every_stage_then_reuses_them(quickstart_run) -> None:
+    cfg, first = quickstart_run.cfg, quickstart_run.result  # fine-tuned with FixMatch on two labeled fractions
     runs = _stage_runs(cfg.tracking.uri, first.run_id)
     assert set(runs) == set(stages_for(cfg)) == set(STAGES) - {"tune"}
     assert all(run.info.status == "FINISHED" for run in runs.values())
@@ -138,7 +114,7 @@ def test_killed_pipeline_resumes_reusing_finished_stages(ray_session, tmp_path: 
     # The killed stage is RUNNING, or FAILED if Ray interrupted its task before the worker died: never FINISHED.
     assert before["finetune"].info.status in {"RUNNING", "FAILED"}
 
-    values["finetune"]["epochs"] = 20
+    values["finetune"]["epochs"] = 1  # the killed stage reruns from its start: keep the rerun short
     cfg = config_from_mapping(values, base=tmp_path)
     resumed = run_pipeline(cfg)
     assert {p.name for p in resumed.plan if p.reused is not None} >= {"ingest", "pretrain"}

@@ -13,10 +13,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from pipelines import tracking
 from pipelines.config import config_from_mapping
 from pipelines.datasets import labeled_subset_ids, load_split_tensors, read_split
-from pipelines.stages import distill, finetune, pretrain
 from pipelines.stages.distill import masked_cross_entropy
 from pipelines.stages.ingest import ingest
 from ssl_core.classifier import Classifier, classifier_from_method, student_classifier
@@ -131,32 +129,6 @@ def test_batch_plan_keeps_steps_equal_and_shrinks_small_subsets() -> None:
 # ------------------------------------------------------------------------------------------------ end to end
 
 
-def _config(tmp_path: Path, digits: Path):
-    return config_from_mapping(
-        {
-            "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "artifacts")},
-            "data": {"path": str(digits), "image_size": 16},
-            "method": {"name": "simclr", "config": TINY_SIMCLR},
-            "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "runs")},
-            "pretrain": {"epochs": 1, "batch_size": 128, "optimizer": "adamw", "lr": 2e-3, "warmup_epochs": 0.5,
-                         "knn_every": 100},
-            "finetune": {"label_fraction": 0.1, "label_fractions": [0.05, 0.1], "epochs": 2, "batch_size": 32,
-                         "lr": 0.05, "head_layers": 1,
-                         "semi": {"algorithm": "fixmatch", "unlabeled_ratio": 2, "unlabeled_rows": 300,
-                                  "threshold": 0.5}},
-            "distill": {"student_backbone": "resnet8", "epochs": 1, "batch_size": 64, "lr": 0.05,
-                        "temperature": 1.0, "labeled_loss_weight": 0.5, "teacher_fraction": 0.05},
-        },
-        base=tmp_path,
-    )
-
-
-def _stage(cfg, stage, inputs: dict) -> tuple[str, object]:
-    name = stage.__name__.rsplit(".", 1)[-1]
-    with tracking.run(cfg.tracking, name, {tracking.STAGE_TAG: name}) as run_id:
-        return run_id, stage.run(cfg, run_id, inputs)
-
-
 def _history(cfg, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in MlflowClient(cfg.tracking.uri).get_metric_history(run_id, key))
 
@@ -174,12 +146,12 @@ def _fraction_runs(cfg, stage_run_id: str) -> dict[float, object]:
     return {float(run.data.params["label_fraction"]): run for run in runs}
 
 
-def test_pretrain_finetune_distill_end_to_end(ray_session, tmp_path: Path, digits: Path) -> None:
-    """FixMatch on two nested labeled fractions, on 2 Ray Train workers; distill takes the 5% teacher."""
-    cfg = _config(tmp_path, digits)
-    _, pretrain_record = _stage(cfg, pretrain, {})
-    finetune_id, teacher = _stage(cfg, finetune, {"pretrain": pretrain_record})
-    distill_id, student = _stage(cfg, distill, {"finetune": teacher})
+def test_pretrain_finetune_distill_end_to_end(quickstart_run) -> None:
+    """The shared pipeline run: FixMatch on two nested labeled fractions, on 2 Ray Train workers; distill takes the
+    5% teacher."""
+    cfg, records = quickstart_run.cfg, quickstart_run.result.records
+    teacher, student = records["finetune"], records["distill"]
+    finetune_id, distill_id, digits = teacher.run_id, student.run_id, Path(cfg.data.path)
     mlflow.set_tracking_uri(cfg.tracking.uri)
 
     runs = _fraction_runs(cfg, finetune_id)
