@@ -1,6 +1,6 @@
-"""A ViT method through the pipeline on real Ray Train (2 DDP workers) and real MLflow: DINOv2-style pretraining
-with multi-crop and masked patches, evaluation, then fine-tuning and distillation from the ViT encoder (its CLS
-token), as the stages run them."""
+"""A ViT method through the pipeline on real Ray Train (one worker; DDP is covered by the shared pipeline run) and
+real MLflow: DINOv2-style pretraining with multi-crop and masked patches, evaluation, then fine-tuning and
+distillation from the ViT encoder (its CLS token), as the stages run them."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_vit_method_pretrains_evaluates_finetunes_and_distils(ray_session, tmp_p
             "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "artifacts")},
             "data": {"path": str(digits), "image_size": 16},
             "method": {"name": "dinov2", "config": TINY_DINOV2},
-            "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "runs")},
+            "scaling": {"num_workers": 1, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "runs")},
             "pretrain": {"epochs": 1, "batch_size": 128, "optimizer": "adamw", "lr": 1e-3, "warmup_epochs": 0,
                          "knn_every": 1},
             "evaluate": {"linear_probe_epochs": 5},
