@@ -38,20 +38,28 @@ WEIGHT_DECAY = 1e-6
 BASE_LR = 0.3  # x batch / 256, as the pretrain stage (LARS)
 
 
+VIT_ONLY = frozenset({"mae", "ijepa", "maskfeat", "dinov2"})
+"""Methods whose Config requires a ViT backbone."""
+
+
 def backbone_for(method: str, backbone: str) -> str:
-    """MAE needs a ViT: it runs with vit_tiny whatever ``backbone`` says."""
-    return "vit_tiny" if method == "mae" else backbone
+    """The ViT-only methods run with vit_tiny whatever ``backbone`` says."""
+    return "vit_tiny" if method in VIT_ONLY else backbone
 
 
 def method_settings(method: str, backbone: str, image_size: int,
                     num_local_crops: int | None = NUM_LOCAL_CROPS) -> dict[str, Any]:
-    """The method config the benchmarks use: the paper defaults, with a 4096-key MoCo queue, a 4096-dim DINO
-    output and ``num_local_crops`` DINO local crops (None: the method's default), so the CPU runs stay short."""
+    """The method config the benchmarks use: the paper defaults, with a 4096-key MoCo queue, 4096-dim DINO and
+    DINOv2 outputs (DINOv2's iBOT patch head too: at 65536 its patch logits alone are batch x tokens x 65536
+    floats, 2 GiB at batch 128 and 64 tokens) and ``num_local_crops`` DINO/DINOv2 local crops (None: the method's
+    default), so the CPU runs stay short and fit in memory."""
     settings: dict[str, Any] = {"backbone": backbone_for(method, backbone), "image_size": image_size}
     if method == "moco":
         settings["queue_size"] = 4096
-    if method == "dino":
+    if method in ("dino", "dinov2"):
         settings["out_dim"] = 4096
+        if method == "dinov2":
+            settings["patch_out_dim"] = 4096
         if num_local_crops is not None:
             settings["num_local_crops"] = num_local_crops
     return settings

@@ -1,9 +1,13 @@
-"""Every registered method pretrained on the same real data for the same wall-clock budget, then one table:
-method, backbone, epochs done, images/s, kNN top-1 and linear-probe top-1, with an untrained encoder of each
-backbone and raw pixels as floors.
+"""Every registered method pretrained on the same real data for the same time budget, then one table: method,
+backbone, epochs done, images/s, kNN top-1 and linear-probe top-1, with an untrained encoder of each backbone and
+raw pixels as floors.
 
-    python benchmarks/methods.py [--minutes 5] [--datasets fashion_mnist tiny32] [--methods jigsaw simclr ...]
-                                 [--backbone resnet20] [--image-size 32] [--batch-size 128] [--lr 1e-3]
+    python benchmarks/methods.py [--minutes 5] [--clock wall|cpu] [--threads N] [--datasets fashion_mnist tiny32]
+                                 [--methods jigsaw simclr ...] [--backbone resnet20] [--image-size 32]
+                                 [--batch-size 128] [--lr 1e-3]
+
+The budget is wall-clock time by default; ``--clock cpu`` counts this process's CPU time instead, so that methods
+timed on a machine shared with other work still get equal compute (images/s is then images per CPU-second).
 
 Data (``../shared/datasets``, see its README):
 
@@ -15,8 +19,8 @@ Data (``../shared/datasets``, see its README):
 
 Training runs in this process, without Ray, through the pipeline's training step (``ssl_core.training.TrainStep``
 with ``ssl_objective``): it measures the methods, not Ray's start-up. Every method gets the same optimizer (AdamW,
-``--lr``, weight decay 1e-4, batch ``--batch-size``, each with its own paper-default config at ``--image-size``;
-MAE and other ViT-only methods use ``vit_tiny``) and the same budget: a 3-step calibration sets the number of steps
+``--lr``, weight decay 1e-4, batch ``--batch-size``, each with its paper-default config at ``--image-size``
+except the CPU-size overrides of ``common.method_settings``; MAE and the other ViT-only methods use ``vit_tiny``) and the same budget: a 3-step calibration sets the number of steps
 that fits, the cosine learning-rate schedule and the methods' EMA schedules span those steps, and training stops
 when the budget is spent (``epochs done`` counts the steps actually taken). Batches carry ``row_index`` (the
 memory-bank methods need it) and memory banks are sized to the pretraining set. The budget counts training only;
@@ -39,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DATASETS, REPO, backbone_for  # noqa: E402
+from common import DATASETS, REPO, method_settings  # noqa: E402
 
 from ssl_core import available_methods, build_backbone, build_method  # noqa: E402
 from ssl_core.augment import Normalization  # noqa: E402
@@ -48,10 +52,6 @@ from ssl_core.evaluate import extract_features, knn_accuracy, linear_probe  # no
 from ssl_core.methods.base import ROW_INDEX  # noqa: E402
 from ssl_core.optim import build_optimizer, warmup_cosine  # noqa: E402
 from ssl_core.training import TrainStep, seed_epoch, ssl_objective  # noqa: E402
-
-VIT_ONLY = {"mae", "ijepa", "maskfeat", "dinov2"}
-"""Methods whose Config requires a ViT backbone (they run with ``vit_tiny``)."""
-
 
 @dataclasses.dataclass(frozen=True)
 class BenchData:
@@ -107,9 +107,8 @@ def _feature_scores(bank: torch.Tensor, test: torch.Tensor, data: BenchData, dev
 
 
 def pretrain(name: str, data: BenchData, args: argparse.Namespace, device: torch.device) -> dict:
-    """Train ``name`` for ``args.minutes`` of wall time; returns the row of the table."""
-    settings = {"image_size": args.image_size,
-                "backbone": "vit_tiny" if name in VIT_ONLY else backbone_for(name, args.backbone)}
+    """Train ``name`` for ``args.minutes`` on ``args.clock``; returns the row of the table."""
+    settings = method_settings(name, args.backbone, args.image_size)
     torch.manual_seed(0)
     method = model_to_memory_format(build_method(name, settings, train_rows=len(data.train)).to(device), device)
     optimizer = build_optimizer(method.param_groups(1e-4), "adamw", args.lr, 1e-4)
@@ -122,8 +121,9 @@ def pretrain(name: str, data: BenchData, args: argparse.Namespace, device: torch
                            after_step=after)
     batch_size, rows = args.batch_size, len(data.train)
     budget = args.minutes * 60
+    clock = CLOCKS[args.clock]
     step, epoch, seen = 0, 0, 0
-    started = time.perf_counter()
+    started = clock()
     while True:
         generator = seed_epoch(0, epoch, 0)
         order = torch.randperm(rows, generator=generator)
@@ -135,11 +135,11 @@ def pretrain(name: str, data: BenchData, args: argparse.Namespace, device: torch
             if step == 3:  # calibration: the schedules' length from the first 3 steps' pace
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                pace = (time.perf_counter() - started) / 3
+                pace = (clock() - started) / 3
                 total_steps[0] = max(4, math.floor(budget / pace))
             if step % 10 == 0 and device.type == "cuda":
                 torch.cuda.synchronize(device)
-            if time.perf_counter() - started >= budget:
+            if clock() - started >= budget:
                 break
         else:
             epoch += 1
@@ -148,10 +148,15 @@ def pretrain(name: str, data: BenchData, args: argparse.Namespace, device: torch
     train_step.guard.check()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    elapsed = time.perf_counter() - started
+    elapsed = clock() - started
     knn, linear = scores(method.encoder, data, method.normalization(), device)
     return {"method": name, "backbone": settings["backbone"], "epochs": seen / rows, "steps": step,
             "images_per_s": seen / elapsed, "knn_top1": knn, "linear_top1": linear}
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""The budget's clock. ``cpu`` (this process's CPU time, all its threads) gives every method the same compute when
+the machine is shared with other work; with one torch thread on an otherwise quiet CPU it equals wall time."""
 
 
 def floors(data: BenchData, backbones: list[str], args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -168,8 +173,8 @@ def floors(data: BenchData, backbones: list[str], args: argparse.Namespace, devi
     return rows
 
 
-def table(rows: list[dict]) -> str:
-    lines = ["| method | backbone | epochs done | images/s | kNN top-1 | linear top-1 |", "|---|---|---|---|---|---|"]
+def table(rows: list[dict], rate_name: str = "images/s") -> str:
+    lines = [f"| method | backbone | epochs done | {rate_name} | kNN top-1 | linear top-1 |", "|---|---|---|---|---|---|"]
     for row in rows:
         epochs = f"{row['epochs']:.2f}" if "epochs" in row else "-"
         rate = f"{row['images_per_s']:.0f}" if "images_per_s" in row else "-"
@@ -180,7 +185,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--minutes", type=float, default=5.0, help="pretraining wall time per method and dataset")
+    parser.add_argument("--minutes", type=float, default=5.0, help="pretraining budget per method and dataset")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (fair on a shared machine)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--datasets", nargs="+", default=["fashion_mnist", "tiny32"])
     parser.add_argument("--methods", nargs="+", default=None, help="default: every registered method")
     parser.add_argument("--backbone", default="resnet20")
@@ -194,6 +202,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench_runs" / "methods")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     methods = args.methods or available_methods()
     args.out.mkdir(parents=True, exist_ok=True)
     machine = (f"{torch.cuda.get_device_name(device)}" if device.type == "cuda"
@@ -212,10 +222,11 @@ def main() -> None:
                   f"kNN {row['knn_top1']:.4f}, linear {row['linear_top1']:.4f}", flush=True)
         backbones = sorted({row["backbone"] for row in rows})
         rows += floors(data, backbones, args, device)
-        header = (f"{dataset}: {len(data.train)} pretraining images, {args.minutes:g} min per method, batch "
+        header = (f"{dataset}: {len(data.train)} pretraining images, {args.minutes:g} min of {args.clock} time per "
+                  f"method, batch "
                   f"{args.batch_size}, {args.image_size} px, AdamW lr {args.lr:g}; kNN/linear on {len(data.bank)} "
                   f"bank / {len(data.test)} test images; {machine}")
-        text = f"{header}\n\n{table(rows)}\n"
+        text = f"{header}\n\n{table(rows, 'images/CPU-s' if args.clock == 'cpu' else 'images/s')}\n"
         print("\n" + text, flush=True)
         (args.out / f"{dataset}.md").write_text(text)
 
