@@ -44,7 +44,8 @@ class TrackingConfig(Validated):
 
 @dataclass(frozen=True)
 class DataConfig(Validated):
-    """Where the Parquet dataset comes from (``source``) and lives (``path``), and the training image size.
+    """Where the Parquet dataset comes from (``source``) and lives (``path``: a local folder, or ``s3://`` /
+    ``gs://`` URI read by every node with its own credentials, see ``pipelines.storage``), and the training image size.
     ``npz_keys`` names the arrays of an ``.npz`` source by role (``{x: train_images, y_test: labels_test}``; roles
     ``x``, ``y``, ``x_test``, ``y_test``) when they are not among the common names ``ssl_core.sources`` knows."""
 
@@ -56,8 +57,14 @@ class DataConfig(Validated):
     npz_keys: dict[str, str] = field(default_factory=dict)
 
     def check(self) -> None:
+        from pipelines.storage import check_uri, is_uri
         from ssl_core.sources import NPZ_KEY_NAMES
 
+        if is_uri(self.path):
+            try:
+                check_uri(self.path)  # parses only: whether the bucket is reachable is checked when a stage reads it
+            except ValueError as error:
+                raise FieldValueError("path", self.path, f"is not usable: {error}") from None
         for role, name in self.npz_keys.items():
             if role not in NPZ_KEY_NAMES or not isinstance(name, str) or not name:
                 raise FieldValueError(f"npz_keys.{role}", name, f"is not allowed: roles {', '.join(NPZ_KEY_NAMES)}, "

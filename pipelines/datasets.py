@@ -1,11 +1,14 @@
 """The pipeline's data contract: the layout of an ingest output, the seeded stratified subset, and the readers.
 
 An ingest output (written by ``pipelines.stages.ingest``) is a folder of Parquet shards, one split per shard,
-plus ``_manifest.json`` (``MANIFEST_NAME``, read with ``read_manifest``); the splits are ``SPLITS``.
+plus ``_manifest.json`` (``MANIFEST_NAME``, read with ``read_manifest``); the splits are ``SPLITS``. The folder is a
+local path or an object-store URI (``s3://``, ``gs://``; ``pipelines.storage``). The manifest is the commit point:
+it is written last, it lists every shard (paths relative to the folder), and the readers open only the shards it
+lists, so shards without a manifest (an interrupted ingest) are never read.
 ``stratified_subset`` is the one seeded, class-stratified draw: ingest uses it to assign splits and hide
 labels, ``labeled_subset_ids`` to pick the labeled fraction that fine-tuning sees.
 
-Two readers, for two jobs:
+Readers, one per job:
 
 - ``read_split`` returns a lazy, streaming ``ray.data.Dataset``. It is what training uses: Ray Data reads
   the shards in parallel tasks, decodes in batches, and ``Dataset.streaming_split`` / Ray Train's dataset
@@ -15,7 +18,13 @@ Two readers, for two jobs:
   is for small evaluation sets that are used whole and repeatedly (the kNN monitor's bank, the test
   split for linear probes), where a streaming pipeline would only add latency and a Ray dependency.
 
-Both decode with ``ssl_core.data.decode_images`` (RGB, bilinear resize + center crop to ``image_size``)
+- ``split_labels`` + ``load_rows`` sample before decoding: the labels of a split (two small columns), then only
+  the chosen rows decoded, streaming the shards a record batch at a time (the kNN monitor's bank).
+
+``read_split(materialize=True)`` reads a small subset once (the labeled rows of a 1% fine-tune) and keeps it
+encoded in Ray's object store, instead of re-reading every shard every epoch to filter it (``should_materialize``).
+
+All decode with ``ssl_core.data.decode_images`` (RGB, bilinear resize + center crop to ``image_size``)
 and give images as uint8 (N, 3, S, S) and labels as int64 with -1 for unlabeled. ``read_split`` also gives
 ``row_index`` int64: the row's position among all rows of the requested splits in manifest shard order
 (``0 .. rows - 1`` for one split, whatever is filtered or dropped), which memory-bank methods (NPID, PCL, ...)
@@ -39,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+from pipelines.storage import Location, check_reachable, is_file, locate, read_text
 from ssl_core.data import SCHEMA_VERSION, decode_images
 from ssl_core.methods.base import ROW_INDEX
 
@@ -59,13 +69,29 @@ Key = TypeVar("Key", int, str)
 _SUBSET_STREAM = 10  # random stream of labeled_subset_ids; ingest uses 0-3 (see stratified_subset)
 
 
+def _manifest_location(path: Path | str) -> Location:
+    location = locate(path)
+    return location if location.uri.endswith("/" + MANIFEST_NAME) else location.child(MANIFEST_NAME)
+
+
+def has_manifest(dataset_dir: Path | str) -> bool:
+    """Whether ``dataset_dir`` (a folder or URI) holds a committed ingest output (its ``_manifest.json``); an
+    unreachable object store raises ``StorageError`` naming the URI."""
+    location = _manifest_location(dataset_dir)
+    check_reachable(location)
+    return is_file(location)
+
+
 def read_manifest(path: Path | str) -> dict:
-    """Load ``_manifest.json`` from an ingest output folder (or the file itself) and check its version."""
-    path = Path(path)
-    manifest_path = path / MANIFEST_NAME if path.is_dir() else path
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"no ingest manifest at {str(manifest_path)!r} (run `sslflow ingest` first)")
-    manifest = json.loads(manifest_path.read_text())
+    """Load ``_manifest.json`` from an ingest output folder or URI (or the file itself) and check its version.
+
+    No manifest (nothing ingested, or an ingest interrupted before its commit) raises ``FileNotFoundError``."""
+    manifest_path = _manifest_location(path)
+    check_reachable(manifest_path)
+    if not is_file(manifest_path):
+        raise FileNotFoundError(f"no ingest manifest at {manifest_path.uri!r} (run `sslflow ingest` first; shards "
+                                "without a manifest are an unfinished ingest and are never read)")
+    manifest = json.loads(read_text(manifest_path))
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ValueError(f"{manifest_path}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
@@ -118,9 +144,9 @@ def _split_names(splits: str | list[str]) -> list[str]:
     return names
 
 
-def split_files(dataset_dir: Path | str, splits: str | list[str]) -> list[Path]:
-    """The shard files holding ``splits``, from the manifest; unknown or empty splits raise ``ValueError``."""
-    dataset_dir = Path(dataset_dir)
+def split_files(dataset_dir: Path | str, splits: str | list[str]) -> list[str]:
+    """The shard files holding ``splits`` (absolute paths or URIs, in manifest order), from the manifest; unknown
+    or empty splits raise ``ValueError``."""
     manifest = read_manifest(dataset_dir)
     names = _split_names(splits)
     for name in names:
@@ -128,7 +154,15 @@ def split_files(dataset_dir: Path | str, splits: str | list[str]) -> list[Path]:
             raise ValueError(f"unknown split {name!r} in {dataset_dir}; known: {', '.join(manifest['splits'])}")
         if manifest["splits"][name]["rows"] == 0:
             raise ValueError(f"split {name!r} of {dataset_dir} has no rows")
-    return [dataset_dir / shard["file"] for shard in manifest["shards"] if shard["split"] in names]
+    folder = locate(dataset_dir)
+    return [folder.child(shard["file"]).uri for shard in manifest["shards"] if shard["split"] in names]
+
+
+def read_shards(files: list[str], columns: list[str], **read_options) -> pa.Table:
+    """The rows of shard ``files`` (paths or URIs of one file system, from ``split_files``) as one table."""
+    locations = [locate(file) for file in files]
+    return pq.read_table([location.path for location in locations], columns=columns,
+                         filesystem=locations[0].filesystem, **read_options)
 
 
 def decode_table(table: pa.Table, image_size: int) -> dict[str, np.ndarray]:
@@ -169,15 +203,15 @@ def _read_shards(
     names: list[str],
     labeled_only: bool,
     labeled_ids: pa.Array | None,
-    image_size: int,
+    image_size: int | None,
     batch_size: int,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> Iterator[dict[str, np.ndarray] | pa.Table]:
     """The ``map_batches`` function of ``read_split``: stream the given shard files in ``batch_size``-row record
     batches, number the rows (``row_index``, from the shard's ``first_row``), hide labels outside ``labeled_ids``,
-    keep the requested rows, decode."""
+    keep the requested rows, decode (``image_size`` None: yield the kept rows still encoded, as a table)."""
     for path, first_row in zip(shards["path"], shards["first_row"], strict=True):
         position = int(first_row)
-        for record_batch in pq.ParquetFile(str(path)).iter_batches(batch_size=batch_size, columns=_COLUMNS):
+        for record_batch in _iter_batches(str(path), batch_size):
             table = pa.Table.from_batches([record_batch])
             table = table.append_column(ROW_INDEX, pa.array(np.arange(position, position + table.num_rows)))
             position += table.num_rows
@@ -188,16 +222,30 @@ def _read_shards(
                 mask = pc.and_(mask, pc.is_valid(table.column("label")))
             table = table.filter(mask)
             if table.num_rows:
-                yield decode_table(table, image_size)
+                yield table.drop_columns(["split"]) if image_size is None else decode_table(table, image_size)
 
 
-def _first_rows(dataset_dir: Path | str, files: list[Path]) -> list[int]:
+def _decode_rows(table: pa.Table, image_size: int) -> dict[str, np.ndarray]:
+    """``map_batches`` function of a materialised ``read_split``: decode rows kept encoded in the object store."""
+    return decode_table(table, image_size)
+
+
+def _iter_batches(path: str, batch_size: int) -> Iterator[pa.RecordBatch]:
+    """Stream one shard (path or URI) in ``batch_size``-row record batches. The file system is rebuilt from the URI
+    here, in the reading task, so a task on another node uses that node's credentials."""
+    shard = locate(path)
+    with shard.filesystem.open_input_file(shard.path) as handle:
+        yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=_COLUMNS)
+
+
+def _first_rows(dataset_dir: Path | str, files: list[str]) -> list[int]:
     """The ``row_index`` of the first row of each of ``files`` (shards in manifest order): rows of the shards before."""
-    rows = {shard["file"]: int(shard["rows"]) for shard in read_manifest(dataset_dir)["shards"]}
+    folder = locate(dataset_dir)
+    rows = {folder.child(shard["file"]).uri: int(shard["rows"]) for shard in read_manifest(dataset_dir)["shards"]}
     firsts, total = [], 0
     for path in files:
         firsts.append(total)
-        total += rows[path.name]
+        total += rows[path]
     return firsts
 
 
@@ -209,6 +257,7 @@ def read_split(
     labeled_only: bool = False,
     batch_size: int = 256,
     labeled_ids: Collection[str] | None = None,
+    materialize: bool = False,
 ):
     """A Ray Dataset of ``splits`` with columns ``image`` uint8 (3, S, S) per row, ``label`` int64 (-1 =
     unlabeled) and ``row_index`` int64 (the row's position in the requested splits, see the module docstring).
@@ -219,7 +268,14 @@ def read_split(
     rows of ``ids``.
 
     One ``map_batches`` task per shard streams it in ``batch_size``-row record batches and decodes them; every
-    task requests ``READ_CPUS``. The shard list comes from the manifest rather than ``ray.data.read_parquet``
+    task requests ``READ_CPUS``.
+
+    ``materialize``: read the shards once, now, and keep only the selected rows, still encoded (PNG/JPEG bytes),
+    in Ray's object store; every epoch then decodes them from there. For a small subset (a 1% labeled fine-tune)
+    this reads the data once instead of every epoch; it holds the subset's encoded bytes in memory, so use it
+    for subsets, not for a whole split.
+
+    The shard list comes from the manifest rather than ``ray.data.read_parquet``
     because the latter also runs listing / schema-sampling tasks that need a whole CPU (not configurable in
     Ray 2.60), which never start while Train workers hold all but a fraction of a CPU.
     """
@@ -227,21 +283,39 @@ def read_split(
 
     names = _split_names(splits)
     files = split_files(dataset_dir, names)
-    shards = ray.data.from_items([{"path": str(path), "first_row": first_row}
+    shards = ray.data.from_items([{"path": path, "first_row": first_row}
                                   for path, first_row in zip(files, _first_rows(dataset_dir, files), strict=True)])
-    return shards.map_batches(
+    rows = shards.map_batches(
         _read_shards,
         fn_kwargs={
             "names": names,
             "labeled_only": labeled_only,
             "labeled_ids": None if labeled_ids is None else _id_array(labeled_ids),
-            "image_size": image_size,
+            "image_size": None if materialize else image_size,
             "batch_size": batch_size,
         },
         batch_size=1,
         batch_format="numpy",
         num_cpus=READ_CPUS,
     )
+    if not materialize:
+        return rows
+    return rows.materialize().map_batches(_decode_rows, fn_kwargs={"image_size": image_size}, batch_size=batch_size,
+                                          batch_format="pyarrow", num_cpus=READ_CPUS)
+
+
+MATERIALIZE_BYTES = 2 * 2**30
+"""Largest subset (in encoded bytes, estimated by ``should_materialize``) that a reader keeps in Ray's object store."""
+
+
+def should_materialize(dataset_dir: Path | str, split: str, rows: int) -> bool:
+    """Whether ``rows`` rows of ``split`` are few enough to read once and keep encoded in the object store
+    (``read_split(materialize=True)``): their estimated bytes (the split's shard bytes x ``rows`` / its rows) are
+    at most ``MATERIALIZE_BYTES``."""
+    manifest = read_manifest(dataset_dir)
+    split_rows = manifest["splits"][split]["rows"]
+    split_bytes = sum(int(shard["bytes"]) for shard in manifest["shards"] if shard["split"] == split)
+    return split_rows > 0 and split_bytes * rows / split_rows <= MATERIALIZE_BYTES
 
 
 def load_split_tensors(
@@ -258,7 +332,7 @@ def load_split_tensors(
     """
     names = _split_names(splits)
     files = split_files(dataset_dir, names)
-    table = pq.read_table([str(path) for path in files], columns=_COLUMNS)
+    table = read_shards(files, _COLUMNS)
     if labeled_ids is not None:
         table = hide_labels(table, labeled_ids)
     mask = pc.is_in(table.column("split"), value_set=pa.array(names))
@@ -266,6 +340,42 @@ def load_split_tensors(
         mask = pc.and_(mask, pc.is_valid(table.column("label")))
     decoded = decode_table(table.filter(mask), image_size)
     return torch.from_numpy(decoded["image"]), torch.from_numpy(decoded["label"])
+
+
+def split_labels(dataset_dir: Path | str, splits: str | list[str],
+                 labeled_only: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """``(positions, labels)`` int64 of the rows of ``splits`` (with a label, if ``labeled_only``), reading only the
+    ``label`` and ``split`` columns: ``positions`` index the rows of ``split_files(splits)`` in order, as
+    ``load_rows`` takes them. For sampling before decoding."""
+    names = _split_names(splits)
+    table = read_shards(split_files(dataset_dir, names), ["label", "split"])
+    mask = pc.is_in(table.column("split"), value_set=pa.array(names))
+    if labeled_only:
+        mask = pc.and_(mask, pc.is_valid(table.column("label")))
+    mask_array = mask.to_numpy(zero_copy_only=False).astype(bool)
+    labels = table.column("label").fill_null(UNLABELED).to_numpy(zero_copy_only=False).astype(np.int64)
+    return np.flatnonzero(mask_array).astype(np.int64), labels[mask_array]
+
+
+def load_rows(dataset_dir: Path | str, splits: str | list[str], positions: Sequence[int] | np.ndarray,
+              image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode only the rows at ``positions`` (from ``split_labels``), streaming the shards one record batch at a
+    time: ``(images uint8 (N, 3, S, S), labels int64 (N,))`` in position order, undecodable rows dropped as in
+    ``decode_table``. Memory: one record batch of encoded rows plus the chosen rows decoded."""
+    wanted = np.unique(np.asarray(positions, dtype=np.int64))
+    images, labels, offset = [], [], 0
+    for path in split_files(dataset_dir, splits):
+        for record_batch in _iter_batches(path, 1024):
+            end = offset + record_batch.num_rows
+            chosen = wanted[(wanted >= offset) & (wanted < end)] - offset
+            offset = end
+            if len(chosen):
+                decoded = decode_table(pa.Table.from_batches([record_batch]).take(pa.array(chosen)), image_size)
+                images.append(torch.from_numpy(decoded["image"]))
+                labels.append(torch.from_numpy(decoded["label"]))
+    if not images:
+        return torch.empty((0, 3, image_size, image_size), dtype=torch.uint8), torch.empty(0, dtype=torch.int64)
+    return torch.cat(images), torch.cat(labels)
 
 
 def labeled_subset_ids(dataset_dir: Path | str, split: str, fraction: float, seed: int) -> list[str]:
@@ -278,7 +388,7 @@ def labeled_subset_ids(dataset_dir: Path | str, split: str, fraction: float, see
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction={fraction} must be in (0, 1]")
     files = split_files(dataset_dir, split)
-    table = pq.read_table([str(path) for path in files], columns=["id", "label", "split"])
+    table = read_shards(files, ["id", "label", "split"])
     table = table.filter(pc.and_(pc.equal(table.column("split"), split), pc.is_valid(table.column("label"))))
     if table.num_rows == 0:
         raise ValueError(f"split {split!r} of {dataset_dir} has no labeled rows")

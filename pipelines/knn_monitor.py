@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
-from pipelines.datasets import load_split_tensors, read_manifest, stratified_subset
+from pipelines.datasets import load_rows, load_split_tensors, read_manifest, split_labels, stratified_subset
 from ssl_core.augment import Normalization
 from ssl_core.evaluate import extract_features, knn_accuracy
 
@@ -83,29 +84,33 @@ def _held_out_count(class_rows: int) -> int:
 
 class KnnMonitor:
     """Weighted kNN top-1 of an encoder on the labeled rows ``plan`` names (not ``off``); at most ``bank_size``
-    bank rows (a seeded random subset)."""
+    bank rows (a seeded random subset). The bank is sampled from the labels alone and only its rows (and the
+    queries) are decoded (``split_labels`` / ``load_rows``), so a large train split is never decoded whole."""
 
     def __init__(self, data_path: str, plan: MonitorPlan, image_size: int, *, normalization: Normalization,
                  device: torch.device, k: int, temperature: float, bank_size: int, seed: int) -> None:
+        # Sample first (labels only), then decode the chosen rows: the split is never decoded whole.
         if plan.mode == "val":
-            bank_images, bank_labels = load_split_tensors(data_path, "train", image_size, labeled_only=True)
+            bank_splits: list[str] = ["train"]
+            bank_positions, _ = split_labels(data_path, bank_splits)
             self.query_images, self.query_labels = load_split_tensors(data_path, "val", image_size, labeled_only=True)
         elif plan.mode == "held-out":
             labeled = read_manifest(data_path)["splits"]
-            splits = [split for split in ("train", "val") if labeled.get(split, {}).get("labeled", 0) > 0]
-            images, labels = load_split_tensors(data_path, splits, image_size, labeled_only=True)
+            bank_splits = [split for split in ("train", "val") if labeled.get(split, {}).get("labeled", 0) > 0]
+            positions, labels = split_labels(data_path, bank_splits)
             indices = list(range(len(labels)))
             held_out = stratified_subset(indices, labels.tolist(), HELD_OUT_FRACTION, seed=seed,
                                          stream=_HELD_OUT_STREAM, leave_one_out=True)
-            query = torch.zeros(len(labels), dtype=torch.bool)
+            query = np.zeros(len(labels), dtype=bool)
             query[held_out] = True
-            bank_images, bank_labels = images[~query], labels[~query]
-            self.query_images, self.query_labels = images[query], labels[query]
+            bank_positions = positions[~query]
+            self.query_images, self.query_labels = load_rows(data_path, bank_splits, positions[query], image_size)
         else:
             raise ValueError(f"the kNN monitor is off: {plan.description}")
-        if len(bank_labels) > bank_size:
-            keep = torch.randperm(len(bank_labels), generator=torch.Generator().manual_seed(seed))[:bank_size]
-            bank_images, bank_labels = bank_images[keep], bank_labels[keep]
+        if len(bank_positions) > bank_size:
+            keep = torch.randperm(len(bank_positions), generator=torch.Generator().manual_seed(seed))[:bank_size]
+            bank_positions = bank_positions[keep.numpy()]
+        bank_images, bank_labels = load_rows(data_path, bank_splits, bank_positions, image_size)
         self.bank_images, self.bank_labels = bank_images, bank_labels
         self.num_classes = int(torch.cat([bank_labels, self.query_labels]).max()) + 1
         self.normalization, self.device, self.k, self.temperature = normalization, device, k, temperature

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 SCHEMA_VERSION = 1
 """Version of the Parquet layout and ``_manifest.json`` written by ingest; bump on incompatible change."""
@@ -120,14 +120,47 @@ def _resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+EXIF_ORIENTATION = 0x0112
+ALPHA_BACKGROUND = (255, 255, 255)
+"""Transparent pixels are composited over white: what a viewer shows on a white page."""
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def as_seen(image: Image.Image) -> Image.Image:
+    """The image a person sees, in mode ``L`` (grayscale sources) or ``RGB`` (everything else), 8 bits per channel.
+
+    - EXIF orientation (JPEG/WebP/PNG from cameras, phones): applied, so a photo taken upright comes out upright.
+    - Alpha (RGBA, LA, PA, palette with a transparent index): composited over ``ALPHA_BACKGROUND`` (white),
+      as a viewer shows it on a white page, instead of dropping alpha (which turns the hidden colour of a
+      transparent pixel, often black, into content).
+    - 16-bit (and 32-bit integer) grayscale: scaled ``round(v * 255 / 65535)``, not clipped at 255 (PIL's own
+      conversion turns every value above 255 white). 16-bit RGB PNGs are already reduced to 8 bits by PIL.
+    - Palette, CMYK, YCbCr, 1-bit: converted to RGB (1-bit to L).
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in _HIGH_BIT_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("1", "L"):
+        return image.convert("L")
+    return image.convert("RGB")
+
+
 def decode_rgb(data: bytes, image_size: int | None = None) -> np.ndarray:
     """Decode PNG/JPEG/... bytes to an RGB uint8 array, optionally resized (see ``decode_images``).
 
+    The pixels are ``as_seen``'s (EXIF orientation applied, alpha over white, 16-bit scaled).
     Shape: (H, W, 3), or (image_size, image_size, 3). Raises whatever PIL raises on damaged bytes.
     """
     with Image.open(io.BytesIO(data)) as opened:
         opened.load()
-        image = opened.convert("RGB")
+        image = as_seen(opened).convert("RGB")
     if image_size is not None:
         image = _resize_center_crop(image, image_size)
     return np.asarray(image, dtype=np.uint8)
@@ -136,7 +169,8 @@ def decode_rgb(data: bytes, image_size: int | None = None) -> np.ndarray:
 def decode_images(encoded: Sequence[bytes], image_size: int | None = None) -> tuple[torch.Tensor, list[int]]:
     """Decode a batch of encoded images into one uint8 tensor; never raises on a damaged image.
 
-    Grayscale (and palette, RGBA, CMYK) images are converted to RGB. With ``image_size``, each image is
+    Every image goes through ``as_seen`` (EXIF orientation, alpha over white, 16-bit scaling) and becomes RGB
+    (grayscale repeated over three channels). With ``image_size``, each image is
     bilinearly resized so its shorter side is ``image_size`` and center-cropped to a square (a square image
     is just resized). Without it, all decodable images must share one size (else ``ValueError``).
 
@@ -164,16 +198,17 @@ def decode_images(encoded: Sequence[bytes], image_size: int | None = None) -> tu
 
 
 def _as_hwc_uint8(image: Image.Image) -> np.ndarray:
-    """PIL image -> (H, W, 1) for grayscale modes, (H, W, 3) for everything else (converted to RGB)."""
-    if image.mode in ("1", "L"):
-        return np.asarray(image.convert("L"), dtype=np.uint8)[:, :, None]
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    """PIL image -> ``as_seen`` pixels: (H, W, 1) for grayscale sources, (H, W, 3) for everything else."""
+    seen = as_seen(image)
+    array = np.asarray(seen, dtype=np.uint8)
+    return array[:, :, None] if seen.mode == "L" else array
 
 
 def read_image_file(path: Path) -> tuple[np.ndarray, bytes | None]:
     """Verify and fully decode one image file.
 
-    Returns ``(image (H, W, C) uint8, original bytes if PNG/JPEG in mode L/RGB else None)``.
+    Returns ``(image (H, W, C) uint8 as ``as_seen`` gives it, original bytes if PNG/JPEG in mode L/RGB with no
+    EXIF rotation else None)``: a rotated, transparent, palette or 16-bit file is stored as a PNG of what it shows.
     Raises ``CorruptImageError`` when PIL cannot identify, verify (chunk CRCs) or fully load the file;
     a truncated file fails because ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is left at its default False.
     """
@@ -184,10 +219,11 @@ def read_image_file(path: Path) -> tuple[np.ndarray, bytes | None]:
         with Image.open(io.BytesIO(data)) as opened:
             opened.load()
             image_format, mode = opened.format, opened.mode
+            upright = opened.getexif().get(EXIF_ORIENTATION, 1) == 1
             array = _as_hwc_uint8(opened)
     except Exception as error:  # noqa: BLE001 - any decoder failure makes this one file corrupt
         message = "cannot identify image file" if isinstance(error, UnidentifiedImageError) else str(error)
         reason = f"{type(error).__name__}: {message}".strip().rstrip(":")
         raise CorruptImageError(CorruptImage(str(path), reason)) from error
-    keep_bytes = image_format in ("PNG", "JPEG") and mode in ("L", "RGB")
+    keep_bytes = image_format in ("PNG", "JPEG") and mode in ("L", "RGB") and upright
     return array, (data if keep_bytes else None)

@@ -267,13 +267,14 @@ class LocalCluster:
         return {}
 
 
-def cluster_config(cluster: LocalCluster) -> dict:
+def cluster_config(cluster: LocalCluster, data_path: str) -> dict:
     """The quickstart pipeline, shrunk, with two Train workers (one per node) and no tracking/storage keys:
-    those come from the nodes' MLFLOW_TRACKING_URI and SSLFLOW_STORAGE_PATH, as on a real cluster."""
+    those come from the nodes' MLFLOW_TRACKING_URI and SSLFLOW_STORAGE_PATH, as on a real cluster. ``data_path``:
+    an object-store URI every node reads with the AWS_* variables of its environment (conftest's ``S3_ENV``)."""
     values = yaml.safe_load((REPO / "pipelines/configs/quickstart.yaml").read_text())
     values["name"] = "cluster-test"
     values.pop("tracking", None)
-    values["data"]["path"] = str(cluster.root / "shared" / "digits")  # a path every node sees (NFS on a cluster)
+    values["data"]["path"] = data_path
     values["method"]["config"].update(backbone="resnet8", projection_hidden_dim=32, projection_dim=16)
     values["scaling"] = {"num_workers": 2, "cpus_per_worker": 0.5, "resources_per_worker": {SLOT: 1},
                          "max_failures": 1}
@@ -304,7 +305,8 @@ def _finish(process: subprocess.Popen, timeout: float) -> int:
         raise AssertionError(f"ray job submit still running after {timeout:.0f} s") from None
 
 
-def test_pipeline_on_two_node_cluster_with_mlflow_server_survives_a_lost_node(record_property, tmp_path: Path) -> None:
+def test_pipeline_on_two_node_cluster_with_mlflow_server_survives_a_lost_node(record_property, tmp_path: Path,
+                                                                             s3_server) -> None:
     started = time.monotonic()
 
     def note(message: str) -> None:
@@ -320,7 +322,8 @@ def test_pipeline_on_two_node_cluster_with_mlflow_server_survives_a_lost_node(re
         cluster.start_worker("b")
         cluster.wait_mlflow()
         config_path = root / "cluster.yaml"
-        config_path.write_text(yaml.safe_dump(cluster_config(cluster)))
+        data_path = f"{s3_server.bucket('sslflow-cluster')}/digits"  # the data lives in S3, not on a shared disk
+        config_path.write_text(yaml.safe_dump(cluster_config(cluster, data_path)))
         # The registry URI explicitly too: MlflowClient takes it from mlflow's process-wide default otherwise.
         client = MlflowClient(tracking_uri=cluster.mlflow_uri, registry_uri=cluster.mlflow_uri)
 
@@ -401,7 +404,10 @@ def test_pipeline_on_two_node_cluster_with_mlflow_server_survives_a_lost_node(re
         assert [path for path in store.rglob("MLmodel") if encoder_id in str(path)], f"{encoder_id} not in {store}"
         champion = client.get_model_version_by_alias("sslflow-cluster-test", "champion")
         assert champion.tags["pipeline_run_id"] == (parents[0] if first_code == 0 else rerun).info.run_id
-        assert champion.run_id == stages["distill"].info.run_id and champion.source.startswith("models:/m-")
+        # the served model is logged by the register run, from the distill run's student
+        assert champion.run_id == stages["register"].info.run_id and champion.source.startswith("models:/m-")
+        assert champion.tags["source_model_uri"] == json.loads(stages["distill"].data.tags[tracking.RECORD_TAG])[
+            "model_uri"]
         champion_id = champion.source.removeprefix("models:/")
         assert [path for path in store.rglob("MLmodel") if champion_id in str(path)], champion_id
         note("all checks passed")

@@ -85,3 +85,28 @@ def test_too_few_labeled_rows_to_hold_out_turn_the_monitor_off() -> None:
     assert plan.mode == "off" and plan.description == \
         "kNN monitor off: 3 labeled train/val rows are too few to hold some out"
     assert pretrain_splits(manifest) == ["train"]
+
+
+def test_the_bank_is_sampled_before_anything_is_decoded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bank of 10 from 160 labeled train rows: only the 10 bank rows and the queries are decoded, and they are
+    exactly those rows of the split (labels and pixels)."""
+    import pipelines.datasets as datasets
+
+    path = ingested(tmp_path, "big", 0.1, x=random_images(200, 8, 8, 3), y=np.arange(200) % 4)
+    decoded = []
+    real_decode_images = datasets.decode_images
+
+    def counting_decode_images(encoded, image_size=None):
+        decoded.append(len(encoded))
+        return real_decode_images(encoded, image_size)
+
+    monkeypatch.setattr(datasets, "decode_images", counting_decode_images)
+    watcher = KnnMonitor(str(path), monitor_plan(read_manifest(path)), 8, normalization=Normalization(),
+                         device=torch.device("cpu"), k=3, temperature=0.1, bank_size=10, seed=0)
+    queries = read_manifest(path)["splits"]["val"]["labeled"]
+    assert len(watcher.bank_labels) == 10 and sum(decoded) == 10 + queries
+    monkeypatch.setattr(datasets, "decode_images", real_decode_images)
+    images, labels = load_split_tensors(path, "train", 8)
+    rows = {tuple(image.flatten().tolist()): int(label) for image, label in zip(images, labels, strict=True)}
+    for image, label in zip(watcher.bank_images, watcher.bank_labels, strict=True):
+        assert rows[tuple(image.flatten().tolist())] == int(label)

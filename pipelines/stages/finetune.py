@@ -29,7 +29,9 @@ from torch import Tensor, nn
 
 from pipelines import supervised, tracking
 from pipelines.config import PipelineConfig, from_dict
-from pipelines.datasets import labeled_subset_ids, load_split_tensors, read_manifest, read_split
+from pipelines.datasets import (
+    labeled_subset_ids, load_split_tensors, read_manifest, read_split, should_materialize,
+)
 from pipelines.knn_monitor import pretrain_rows
 from pipelines.ray_train import fit, train_run_name
 from pipelines.records import EvaluateRecord, FinetuneRecord, PretrainRecord, StageRecord, fraction_key
@@ -138,7 +140,8 @@ def _finetune_fraction(cfg: PipelineConfig, run_id: str, pretrain: PretrainRecor
     with tracking.run(cfg.tracking, f"finetune-{fraction_key(fraction)}", tags, run_id, params) as fraction_run_id:
         job = FinetuneJob(cfg, fraction_run_id, num_classes, len(labeled_ids), fraction, pretrain.checkpoint_uri)
         dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size, labeled_only=True,
-                             labeled_ids=labeled_ids)
+                             labeled_ids=labeled_ids,  # a small subset is read once, not once per epoch
+                             materialize=should_materialize(cfg.data.path, "train", len(labeled_ids)))
         run_name = train_run_name("finetune", fraction_run_id)
         result = fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset})
         if result.return_value is None:

@@ -19,14 +19,24 @@ not reshuffle another):
   rest get label null. For one seed, the images kept at a smaller fraction are a subset of those kept at
   a larger one. Unlabeled images always go to train.
 
-Atomicity: shards go to a sibling folder ``OUT.tmp-<random>`` that is renamed to ``OUT`` only after
-the manifest is written; on any error the temporary folder is removed, so ``OUT`` either does not exist
-or is complete.
+Shards: each split's rows are cut into chunks of ``shard_rows``; a chunk is one task (threads in this process,
+or a Ray task per chunk with ``executor="ray"``) that writes ``{split}-{chunk:05d}.parquet`` (and
+``{split}-{chunk:05d}-01.parquet``, ... when it passes ``max_shard_bytes``). The manifest lists them in split and
+chunk order; the content hash covers the rows, not their layout.
+
+Atomicity: on a local disk, shards go to a sibling folder ``OUT.tmp-<random>`` that is renamed to ``OUT`` only
+after the manifest is written; on any error the temporary folder is removed, so ``OUT`` either does not exist
+or is complete. On an object store (``s3://``, ``gs://``; no rename there), shards go under a fresh prefix
+``OUT/shards-<random>/`` and the manifest, written last in one put, is the commit point: readers open only what a
+manifest lists, an interrupted ingest leaves no manifest (and its prefix is deleted), and an overwrite keeps
+the old dataset readable until the new manifest replaces the old one, then deletes the old shards.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,20 +44,23 @@ import secrets
 import shutil
 import time
 from collections import Counter
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from pipelines import tracking
 from pipelines.config import PipelineConfig
-from pipelines.datasets import MANIFEST_NAME, SPLITS, read_manifest, stratified_subset
+from pipelines.datasets import MANIFEST_NAME, SPLITS, has_manifest, read_manifest, stratified_subset
 from pipelines.records import IngestRecord, StageRecord
+from pipelines.storage import Location, check_reachable, delete_folder, list_names, locate, write_text
 from ssl_core.data import (
     PARQUET_SCHEMA, SCHEMA_VERSION, CorruptImage, CorruptImageError, Sample, SourceRecord, encode_png,
 )
@@ -60,7 +73,11 @@ ROW_GROUP_BYTES = 4 * 2**20
 
 # Independent random streams: np.random.default_rng([seed, stream, ...]) (see stratified_subset).
 _TEST_STREAM, _VAL_STREAM, _LABEL_STREAM, _ORDER_STREAM = 0, 1, 2, 3
+MAX_IMAGE_SIDE = 1024
+"""Default bound on the longer side of a stored image (pixels): larger originals are downscaled at ingest, which
+keeps a shard's decode cost and a worker's memory bounded while leaving a 224 px random-resized crop sharp."""
 _LOAD_CHUNK = 1024  # images handed to the loader threads at a time (bounds memory, keeps row order)
+EXECUTORS = ("threads", "ray")
 
 
 def _stratified(indices: list[int], labels: list[int | None], fraction: float, seed: int, stream: int) -> set[int]:
@@ -106,12 +123,13 @@ def assign_splits(
     return SplitAssignment(splits, written, "source" if has_source_test else "stratified")
 
 
-def write_shard(table: pa.Table, path: Path, row_group_rows: int) -> None:
+def write_shard(table: pa.Table, location: Location, row_group_rows: int) -> None:
     """Write one Parquet shard: ``row_group_rows`` rows per row group, split dictionary-encoded, statistics
     on split and label (so readers can skip row groups by filter)."""
     pq.write_table(
         table,
-        path,
+        location.path,
+        filesystem=location.filesystem,
         row_group_size=row_group_rows,
         use_dictionary=["split"],
         write_statistics=["split", "label"],
@@ -119,13 +137,15 @@ def write_shard(table: pa.Table, path: Path, row_group_rows: int) -> None:
 
 
 class ShardWriter:
-    """Buffers the rows of one split and writes them as a shard (``{split}-{index:05d}.parquet``) when the
-    next row would exceed ``shard_rows`` rows or ``max_shard_bytes`` payload bytes (image + id bytes; the
-    file adds a little Parquet overhead). ``shards`` lists what was written: file, split, rows, bytes."""
+    """Buffers the rows of one chunk (rows of one split) and writes them as shards into ``folder``: ``{stem}.parquet``,
+    then ``{stem}-01.parquet``, ... whenever the next row would exceed ``max_shard_bytes`` payload bytes (image + id
+    bytes; the file adds a little Parquet overhead). ``shards`` lists what was written: file (relative to the
+    dataset folder: ``{folder_name}/`` + the name), split, rows, bytes."""
 
-    def __init__(self, folder: Path, shard_rows: int, max_shard_bytes: int) -> None:
+    def __init__(self, folder: Location, folder_name: str, stem: str, max_shard_bytes: int) -> None:
         self.folder = folder
-        self.shard_rows = shard_rows
+        self.folder_name = folder_name
+        self.stem = stem
         self.max_shard_bytes = max_shard_bytes
         self.shards: list[dict[str, object]] = []
         self._split = ""
@@ -134,9 +154,7 @@ class ShardWriter:
 
     def add(self, row_id: str, image: bytes, label: int | None, split: str) -> None:
         row_bytes = len(image) + len(row_id)
-        if split != self._split or len(self._rows["id"]) >= self.shard_rows or (
-            self._rows["id"] and self._bytes + row_bytes > self.max_shard_bytes
-        ):
+        if split != self._split or (self._rows["id"] and self._bytes + row_bytes > self.max_shard_bytes):
             self.flush()
             self._split = split
         self._rows["id"].append(row_id)
@@ -149,15 +167,96 @@ class ShardWriter:
         count = len(self._rows["id"])
         if not count:
             return
-        index = sum(1 for shard in self.shards if shard["split"] == self._split)
-        name = f"{self._split}-{index:05d}.parquet"
+        part = len(self.shards)
+        name = f"{self.stem}.parquet" if part == 0 else f"{self.stem}-{part:02d}.parquet"
         table = pa.Table.from_pydict(self._rows, schema=PARQUET_SCHEMA)
         row_group_rows = max(1, min(count, ROW_GROUP_BYTES * count // max(self._bytes, 1)))
-        write_shard(table, self.folder / name, row_group_rows)
-        size = (self.folder / name).stat().st_size
-        self.shards.append({"file": name, "split": self._split, "rows": count, "bytes": size})
+        location = self.folder.child(name)
+        write_shard(table, location, row_group_rows)
+        size = location.filesystem.get_file_info(location.path).size
+        self.shards.append({"file": f"{self.folder_name}/{name}" if self.folder_name else name,
+                            "split": self._split, "rows": count, "bytes": size})
         self._rows = {"id": [], "image": [], "label": [], "split": []}
         self._bytes = 0
+
+
+@dataclass
+class ChunkResult:
+    """What one chunk of rows (one task) wrote and saw; ``merge`` adds another chunk's."""
+
+    shards: list[dict[str, object]] = field(default_factory=list)
+    corrupt: list[CorruptImage] = field(default_factory=list)
+    row_digests: list[bytes] = field(default_factory=list)
+    label_counts: dict[str, Counter] = field(default_factory=lambda: {split: Counter() for split in SPLITS})
+    sizes: Counter = field(default_factory=Counter)
+    channels: Counter = field(default_factory=Counter)
+
+    def merge(self, other: ChunkResult) -> None:
+        self.shards.extend(other.shards)
+        self.corrupt.extend(other.corrupt)
+        self.row_digests.extend(other.row_digests)
+        for split in SPLITS:
+            self.label_counts[split].update(other.label_counts[split])
+        self.sizes.update(other.sizes)
+        self.channels.update(other.channels)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows ``indices`` (source indices, in written order) of ``split`` with their written labels: one task's work,
+    written as shard(s) ``{split}-{number:05d}``."""
+
+    split: str
+    number: int
+    indices: list[int]
+    labels: list[int | None]
+
+
+def ingest_chunk(image_source: ImageSource, chunk: Chunk, folder_uri: str, folder_name: str, max_shard_bytes: int,
+                 max_image_side: int, load_map: Callable = map) -> ChunkResult:
+    """Load, verify and encode the images of ``chunk`` (through ``load_map``: ``map``, or a thread pool's) and write
+    them as shard(s) into ``folder_uri``/``folder_name``. Runs in the driver or as a Ray task."""
+    folder = locate(folder_uri)
+    writer = ShardWriter(folder.child(folder_name) if folder_name else folder, folder_name,
+                         f"{chunk.split}-{chunk.number:05d}", max_shard_bytes)
+    result = ChunkResult()
+    label_of = dict(zip(chunk.indices, chunk.labels, strict=True))
+    load = partial(_load_encoded, image_source, max_image_side)
+    for start in range(0, len(chunk.indices), _LOAD_CHUNK):
+        for loaded in load_map(load, chunk.indices[start : start + _LOAD_CHUNK]):
+            if isinstance(loaded, CorruptImage):
+                result.corrupt.append(loaded)
+                continue
+            index, sample, encoded = loaded
+            label = label_of[index]
+            writer.add(sample.id, encoded, label, chunk.split)
+            result.row_digests.append(_row_digest(sample.id, encoded, label, chunk.split))
+            result.label_counts[chunk.split]["unlabeled" if label is None else str(label)] += 1
+            result.sizes[sample.image.shape[:2]] += 1
+            result.channels[sample.image.shape[2]] += 1
+    writer.flush()
+    result.shards = writer.shards
+    return result
+
+
+class Progress:
+    """A one-line progress report on stderr at most every ``interval`` seconds: files done, files/s, corrupt."""
+
+    def __init__(self, total: int, enabled: bool, interval: float = 2.0) -> None:
+        self.total, self.enabled, self.interval = total, enabled, interval
+        self.done = self.corrupt = 0
+        self.started = self._last = time.perf_counter()
+
+    def update(self, files: int, corrupt: int) -> None:
+        self.done += files
+        self.corrupt += corrupt
+        now = time.perf_counter()
+        if self.enabled and (now - self._last >= self.interval or self.done == self.total):
+            self._last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            end = "\n" if self.done == self.total else ""
+            print(f"\ringest: {self.done}/{self.total} files, {rate:.0f} files/s, {self.corrupt} corrupt",
+                  end=end, file=sys.stderr, flush=True)
 
 
 def _check_fraction(name: str, value: float, *, allow_one: bool) -> None:
@@ -166,15 +265,67 @@ def _check_fraction(name: str, value: float, *, allow_one: bool) -> None:
         raise ValueError(f"{name}={value} is out of range [0, {'1]' if allow_one else '1)'}")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
+def _check_out(out: Location, overwrite: bool) -> bool:
+    """Refuse an ``out`` that holds anything but an earlier ingest output (and that one unless ``overwrite``);
+    return whether ``out`` holds an ingest output (committed: its manifest exists)."""
+    check_reachable(out)
+    names = list_names(out)
+    if not names:
+        return False
     if not overwrite:
-        raise FileExistsError(f"ingest output {str(out)!r} already exists and is not empty (pass overwrite=True)")
-    if not (out / MANIFEST_NAME).is_file():
+        raise FileExistsError(f"ingest output {out.uri!r} already exists and is not empty (pass overwrite=True)")
+    if MANIFEST_NAME not in names:
         raise FileExistsError(
-            f"ingest output {str(out)!r} is not an ingest output (no {MANIFEST_NAME}); refusing to overwrite it"
+            f"ingest output {out.uri!r} is not an ingest output (no {MANIFEST_NAME}); refusing to overwrite it"
         )
+    return True
+
+
+def _chunks(assignment: SplitAssignment, order_rng: np.random.Generator, shard_rows: int) -> list[Chunk]:
+    """Per split (in ``SPLITS`` order), its rows in a seeded random order, cut into chunks of ``shard_rows``."""
+    chunks = []
+    for split in SPLITS:
+        members = np.asarray([i for i, s in enumerate(assignment.splits) if s == split], dtype=np.int64)
+        order = members[order_rng.permutation(len(members))].tolist()
+        for number, start in enumerate(range(0, len(order), shard_rows)):
+            indices = order[start : start + shard_rows]
+            chunks.append(Chunk(split, number, indices, [assignment.labels[i] for i in indices]))
+    return chunks
+
+
+def _run_chunks(image_source: ImageSource, chunks: list[Chunk], folder_uri: str, folder_name: str,
+                max_shard_bytes: int, max_image_side: int, *, workers: int, executor: str,
+                progress: Progress) -> ChunkResult:
+    """Every chunk through ``ingest_chunk``: one after another with ``workers`` loader threads (``threads``), or
+    as Ray tasks, one per chunk, one CPU each (``ray``); merged in chunk order, so the output is the same."""
+    merged = ChunkResult()
+    if executor == "threads":
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for chunk in chunks:
+                result = ingest_chunk(image_source, chunk, folder_uri, folder_name, max_shard_bytes, max_image_side,
+                                      pool.map)
+                progress.update(len(chunk.indices), len(result.corrupt))
+                merged.merge(result)
+        return merged
+    import ray
+
+    source_ref = ray.put(image_source)
+    task = ray.remote(num_cpus=1, max_retries=2)(ingest_chunk)
+    pending = {task.remote(source_ref, chunk, folder_uri, folder_name, max_shard_bytes, max_image_side): number
+               for number, chunk in enumerate(chunks)}
+    results: dict[int, ChunkResult] = {}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            number = pending.pop(ready[0])
+            results[number] = ray.get(ready[0])
+            progress.update(len(chunks[number].indices), len(results[number].corrupt))
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+    for number in range(len(chunks)):
+        merged.merge(results[number])
+    return merged
 
 
 def ingest(
@@ -191,24 +342,38 @@ def ingest(
     overwrite: bool = False,
     workers: int = min(8, os.cpu_count() or 1),
     npz_keys: Mapping[str, str] | None = None,
+    executor: str = "threads",
+    progress: bool = False,
+    max_image_side: int = MAX_IMAGE_SIDE,
 ) -> dict:
     """Write ``source`` as Parquet shards + ``_manifest.json`` into ``out`` (atomically); return the manifest.
 
-    ``source``: ``builtin:digits``, ``KIND:PATH`` or a path (see ``open_source``). ``test_fraction`` is used
-    only when the source has no test split of its own. ``overwrite`` replaces an earlier ingest output
-    (a folder holding ``_manifest.json``); any other non-empty ``out`` is refused. ``workers`` threads
-    decode, verify and encode images; the output does not depend on it. ``npz_keys`` names the arrays of an
-    ``.npz`` source by role (``{"x": "train_images"}``, see ``ssl_core.sources.NpzSource``); the manifest records it.
+    ``source``: ``builtin:digits``, ``KIND:PATH`` or a path (see ``open_source``). ``out``: a local folder or an
+    ``s3://`` / ``gs://`` URI (``pipelines.storage``); an unreachable bucket fails before any image is read.
+    ``test_fraction`` is used only when the source has no test split of its own. ``overwrite`` replaces an
+    earlier ingest output (a folder holding ``_manifest.json``); any other non-empty ``out`` is refused.
+    Each split's rows are cut into chunks of ``shard_rows`` (one chunk -> one shard, more when a chunk passes
+    ``max_shard_bytes``). ``executor``: ``threads`` runs the chunks one after another, ``workers`` threads
+    decoding, verifying and encoding images; ``ray`` runs one Ray task per chunk (a running Ray, or a local one
+    started here), so a large folder uses every core of the cluster. Neither changes the output.
+    ``progress`` prints files done, files/s and the corrupt count to stderr. An image whose longer side passes
+    ``max_image_side`` is stored downscaled to it (aspect kept; JPEG q95 if it was a JPEG, else PNG); smaller
+    ones keep their original bytes. ``npz_keys`` names the arrays of
+    an ``.npz`` source by role (``{"x": "train_images"}``, see ``ssl_core.sources.NpzSource``); the manifest
+    records it.
     """
     _check_fraction("val_fraction", val_fraction, allow_one=False)
     _check_fraction("test_fraction", test_fraction, allow_one=False)
     _check_fraction("label_fraction", label_fraction, allow_one=True)
-    if shard_rows < 1 or max_shard_bytes < 1 or workers < 1:
+    if shard_rows < 1 or max_shard_bytes < 1 or workers < 1 or max_image_side < 1:
         raise ValueError(
-            f"shard_rows, max_shard_bytes and workers must be positive, got {shard_rows}, {max_shard_bytes}, {workers}"
+            f"shard_rows, max_shard_bytes, workers and max_image_side must be positive, got {shard_rows}, "
+            f"{max_shard_bytes}, {workers}, {max_image_side}"
         )
-    out = Path(out).expanduser().absolute()
-    _check_out(out, overwrite)
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r} is not one of {', '.join(EXECUTORS)}")
+    out_location = locate(out)
+    had_output = _check_out(out_location, overwrite)
     started = time.perf_counter()
 
     image_source = open_source(source, download=download, npz_keys=npz_keys)
@@ -221,40 +386,24 @@ def ingest(
     assignment = assign_splits(
         records, val_fraction=val_fraction, test_fraction=test_fraction, label_fraction=label_fraction, seed=seed
     )
-    order_rng = np.random.default_rng([seed, _ORDER_STREAM])
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.parent / f"{out.name}.tmp-{secrets.token_hex(4)}"
-    temporary.mkdir()
+    chunks = _chunks(assignment, np.random.default_rng([seed, _ORDER_STREAM]), shard_rows)
+    if out_location.is_remote:
+        # Object stores have no rename: shards go under a fresh prefix of OUT; the manifest, written last in one
+        # put, is the commit point (readers open only the shards it lists).
+        folder_uri, folder_name = out_location.uri, f"shards-{secrets.token_hex(4)}"
+        temporary = out_location.child(folder_name)
+    else:
+        out_path = Path(out_location.path)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        temporary_path = out_path.parent / f"{out_path.name}.tmp-{secrets.token_hex(4)}"
+        temporary_path.mkdir()
+        folder_uri, folder_name, temporary = str(temporary_path), "", locate(temporary_path)
     try:
-        writer = ShardWriter(temporary, shard_rows, max_shard_bytes)
-        corrupt: list[CorruptImage] = []
-        row_digests: list[bytes] = []
-        label_counts: dict[str, Counter] = {split: Counter() for split in SPLITS}
-        row_counts: Counter = Counter()
-        sizes: Counter = Counter()
-        channels: Counter = Counter()
-        with ThreadPoolExecutor(max_workers=workers) as executor:
-            for split in SPLITS:
-                members = np.asarray([i for i, s in enumerate(assignment.splits) if s == split], dtype=np.int64)
-                order = members[order_rng.permutation(len(members))].tolist()
-                load = partial(_load_encoded, image_source)
-                for start in range(0, len(order), _LOAD_CHUNK):
-                    for loaded in executor.map(load, order[start : start + _LOAD_CHUNK]):
-                        if isinstance(loaded, CorruptImage):
-                            corrupt.append(loaded)
-                            continue
-                        index, sample, encoded = loaded
-                        label = assignment.labels[index]
-                        writer.add(sample.id, encoded, label, split)
-                        row_digests.append(_row_digest(sample.id, encoded, label, split))
-                        row_counts[split] += 1
-                        label_counts[split]["unlabeled" if label is None else str(label)] += 1
-                        sizes[sample.image.shape[:2]] += 1
-                        channels[sample.image.shape[2]] += 1
-        writer.flush()
-        if not row_counts:
-            raise ValueError(f"ingest source {source!r}: every image is corrupt ({len(corrupt)} files)")
+        result = _run_chunks(image_source, chunks, folder_uri, folder_name, max_shard_bytes, max_image_side,
+                             workers=workers, executor=executor, progress=Progress(len(records), progress))
+        row_counts = Counter({split: sum(counts.values()) for split, counts in result.label_counts.items()})
+        if not sum(row_counts.values()):
+            raise ValueError(f"ingest source {source!r}: every image is corrupt ({len(result.corrupt)} files)")
         manifest = _build_manifest(
             source=source,
             image_source=image_source,
@@ -265,41 +414,70 @@ def ingest(
                 "label_fraction": label_fraction,
                 "shard_rows": shard_rows,
                 "max_shard_bytes": max_shard_bytes,
+                **({"max_image_side": max_image_side} if max_image_side != MAX_IMAGE_SIDE else {}),
                 **({"npz_keys": dict(npz_keys)} if npz_keys else {}),
             },
             test_from=assignment.test_from,
             row_counts=row_counts,
-            label_counts=label_counts,
-            sizes=sizes,
-            channels=channels,
-            corrupt=corrupt,
-            shards=writer.shards,
-            content_hash=hashlib.sha256(b"".join(sorted(row_digests))).hexdigest(),
+            label_counts=result.label_counts,
+            sizes=result.sizes,
+            channels=result.channels,
+            corrupt=result.corrupt,
+            shards=result.shards,
+            content_hash=hashlib.sha256(b"".join(sorted(result.row_digests))).hexdigest(),
         )
-        (temporary / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace(temporary, out)
+        document = json.dumps(manifest, indent=2) + "\n"
+        if out_location.is_remote:
+            write_text(out_location.child(MANIFEST_NAME), document)
+        else:
+            (temporary_path / MANIFEST_NAME).write_text(document)
+            _replace(temporary_path, out_path)
     except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        delete_folder(temporary)
         raise
+    if out_location.is_remote and had_output:
+        _delete_unlisted(out_location, manifest)
     logger.info(
         "ingested %s -> %s: %s rows (%s), %d corrupt, %.1f s",
         source,
-        out,
+        out_location.uri,
         manifest["num_rows"],
         ", ".join(f"{split} {row_counts[split]}" for split in SPLITS),
-        len(corrupt),
+        len(result.corrupt),
         time.perf_counter() - started,
     )
     return manifest
 
 
-def _load_encoded(image_source: ImageSource, index: int) -> tuple[int, Sample, bytes] | CorruptImage:
-    """Load image ``index`` and its bytes to store (the original PNG/JPEG, else a new PNG); runs in a thread
-    (PIL and zlib release the GIL while decoding and compressing)."""
+def _delete_unlisted(out: Location, manifest: dict) -> None:
+    """After an overwrite on an object store: delete the shards of earlier ingests (not listed in ``manifest``)."""
+    listed = {shard["file"] for shard in manifest["shards"]} | {MANIFEST_NAME}
+    stale = [out.child(name).path for name in list_names(out) if name not in listed]
+    for path in stale:
+        out.filesystem.delete_file(path)
+
+
+def _load_encoded(image_source: ImageSource, max_image_side: int,
+                  index: int) -> tuple[int, Sample, bytes] | CorruptImage:
+    """Load image ``index`` and its bytes to store (the original PNG/JPEG, else a new PNG; downscaled to
+    ``max_image_side`` when larger); runs in a thread (PIL and zlib release the GIL while decoding and compressing)."""
     try:
         sample = image_source.load(index)
     except CorruptImageError as error:
         return error.corrupt
+    height, width = sample.image.shape[:2]
+    if max(height, width) > max_image_side:
+        was_jpeg = sample.encoded is not None and sample.encoded[:2] == b"\xff\xd8"
+        scale = max_image_side / max(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        pixels = sample.image[:, :, 0] if sample.image.shape[2] == 1 else sample.image
+        image = Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)
+        array = np.asarray(image, dtype=np.uint8)
+        sample = dataclasses.replace(sample, image=array[:, :, None] if array.ndim == 2 else array, encoded=None)
+        if was_jpeg:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=95)
+            return index, sample, buffer.getvalue()
     return index, sample, sample.encoded if sample.encoded is not None else encode_png(sample.image)
 
 
@@ -387,7 +565,7 @@ def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> Ing
     wanted = {"source": data.source, "seed": data.seed, "val_fraction": data.val_fraction,
               "npz_keys": dict(data.npz_keys) or None}
     manifest = None
-    if (Path(data.path) / MANIFEST_NAME).is_file():
+    if has_manifest(data.path):
         existing = read_manifest(data.path)
         if all(existing.get(key) == value for key, value in wanted.items()):
             manifest = existing
