@@ -162,7 +162,9 @@ def evaluate_model(tracking_config, model_uri: str, data: str, *, split: str = "
         image_size = logged_image_size(tracking_config, model_uri)
         if image_size is None:
             raise ValueError(f"the run that logged {model_uri} records no data.image_size: give --image-size")
-    encoder = tracking.load_torch_model(tracking_config, model_uri)
+    from pipelines.serving.models import load_torch_module
+
+    encoder = load_torch_module(tracking_config, model_uri)  # a run's PyTorch model or a registered one
     with tempfile.TemporaryDirectory() as directory:
         data_path = Path(data)
         if not (data_path / MANIFEST_NAME).is_file():

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from conftest import BLOCK_PIPELINES_IMPORT
+
 REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("ssl_core", "pipelines", "tune_spaces")
 
@@ -110,13 +112,7 @@ def test_a_logged_classifier_loads_without_pipelines(tmp_path: Path) -> None:
     run_id = tracking.start_run(cfg.tracking, "model")
     model = student_classifier("resnet8", 8, 3)
     uri = tracking.log_torch_model(cfg.tracking, run_id, model, "student", torch.zeros(2, 3, 8, 8))
-    code = textwrap.dedent(f"""
-        import sys
-        class NoPipelines:
-            def find_spec(self, name, path=None, target=None):
-                if name == "pipelines" or name.startswith("pipelines."):
-                    raise ImportError(f"{{name}} must not be needed to load a registered model")
-        sys.meta_path.insert(0, NoPipelines())
+    code = BLOCK_PIPELINES_IMPORT + textwrap.dedent(f"""
         import mlflow, torch
         mlflow.set_tracking_uri({cfg.tracking.uri!r})
         model = mlflow.pytorch.load_model({uri!r})
