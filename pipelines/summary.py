@@ -1,4 +1,4 @@
-"""Terminal output: the end-of-pipeline summary table, the Tune trials table and ``sslflow ls``."""
+"""Terminal output: the end-of-pipeline summary table, the Tune trials table, ``sslflow ls`` and ``sslflow show``."""
 
 from __future__ import annotations
 
@@ -94,3 +94,52 @@ def trials_table(cfg: PipelineConfig, tune_record: TuneRecord) -> str:
         + f"\n\nbest: trial {tune_record.best_trial}  {metric}={tune_record.best_value:.4f}  "
         f"overlay {json.dumps(tune_record.config_overlay)}\n"
     )
+
+
+def _metric(value: float) -> str:
+    """A count as an integer (``1293``), anything else with 4 decimals (accuracies, losses: ``1.0000``)."""
+    return str(int(value)) if float(value).is_integer() and abs(value) >= 2 else f"{value:.4f}"
+
+
+def show_run(cfg: PipelineConfig, run_id: str | None = None) -> str:
+    """``sslflow show``: one pipeline run's stages (status, time, its metrics), each stage run's artifacts, and the
+    registry versions it produced (with their aliases). ``run_id`` defaults to the newest pipeline run."""
+    from pipelines.console import format_duration
+    from pipelines.report import latest_pipeline_run_id, pipeline_view
+
+    view = pipeline_view(cfg.tracking, run_id or latest_pipeline_run_id(cfg.tracking))
+    info = view.run.info
+    lines = [f"pipeline {view.name}  run {view.run_id}  {info.status}"
+             + ("" if info.end_time is None else f"  {format_duration((info.end_time - info.start_time) / 1000)}")]
+    if view.run.data.metrics:
+        lines.append("  " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(view.run.data.metrics.items())))
+    lines.append("\nstages")
+    for stage in view.stages.values():
+        seconds = "-" if stage.seconds is None else format_duration(stage.seconds)
+        lines.append(f"  {stage.name:<9} {stage.status:<9} {seconds:>12}  {stage.run.info.run_id}")
+        numbers = {k: v for k, v in stage.record.get("metrics", {}).items() if isinstance(v, (int, float))}
+        for start in range(0, len(numbers), 4):
+            chunk = list(numbers.items())[start:start + 4]
+            lines.append("              " + "  ".join(f"{k}={_metric(v)}" for k, v in chunk))
+    lines.append("\nartifacts")
+    for stage in view.stages.values():
+        files = tracking.list_artifacts(cfg.tracking, stage.run.info.run_id)
+        models = sorted({path.split("/")[0] for path, _ in files if "/" in path and path.split("/")[0] in
+                         ("student", "teacher", "encoder", "model")})
+        shown = [f"{path} ({size / 1024:.0f} KiB)" for path, size in files if path.split("/")[0] not in models]
+        if shown or models:
+            lines.append(f"  {stage.name}: " + ", ".join(shown + [f"{m}/ (MLflow model)" for m in models]))
+    report_files = [path for path, _ in tracking.list_artifacts(cfg.tracking, view.run_id)]
+    if report_files:
+        lines.append(f"  pipeline: {', '.join(report_files)}")
+    lines.append("\nregistry versions")
+    register = view.stages.get("register")
+    versions = [] if register is None else tracking.model_versions_of_runs(cfg.tracking, [register.run.info.run_id])
+    for version in sorted(versions, key=lambda v: (v.name, int(v.version))):
+        current = tracking.model_version(cfg.tracking, version.name, version.version)
+        aliases = ", ".join(getattr(current, "aliases", []) or []) or "no alias"
+        top1 = current.tags.get("test_top1")
+        lines.append(f"  {version.name}/{version.version}  ({aliases})" + (f"  test_top1={top1}" if top1 else ""))
+    if not versions:
+        lines.append("  none")
+    return "\n".join(lines)
