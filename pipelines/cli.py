@@ -1,12 +1,16 @@
-"""``sslflow``: run | resume | ingest | evaluate | tune | pretrain | promote | ls."""
+"""``sslflow``: run | resume | ingest | evaluate | tune | pretrain | promote | serve | ls | show | report."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 UI_HINT = "mlflow ui --backend-store-uri {uri}"
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor in the environment of a `ray job submit` driver: `sslflow run` then prints
+everything (the job log is read with `ray job logs`, not watched on a terminal)."""
 
 
 def _init_ray() -> None:
@@ -27,10 +31,10 @@ def _load(path: str | None, overrides: dict | None = None):
 def _check_against_data(cfg) -> None:
     """The rules that need the data, checked before anything starts when the data is already ingested
     (``data.path`` holds an ingest of ``data.source``); otherwise the stages check them before their workers start."""
-    from pipelines.datasets import MANIFEST_NAME, read_manifest
+    from pipelines.datasets import has_manifest, read_manifest
     from pipelines.pretraining import check_pretrain_batch
 
-    if (Path(cfg.data.path) / MANIFEST_NAME).is_file():
+    if has_manifest(cfg.data.path):
         manifest = read_manifest(cfg.data.path)
         if manifest.get("source") == cfg.data.source:
             check_pretrain_batch(cfg, manifest)
@@ -51,18 +55,58 @@ def cmd_run(args: argparse.Namespace) -> int:
         for stage in result.plan:
             print(f"  {stage.name:<9} {stage.fingerprint or '?':<20}  {stage.reason}")
         return 0
-    _init_ray()
-    result = run_pipeline(cfg, force=args.force)
+    if args.verbose or RAY_JOB_ENV in os.environ:  # a submitted Ray job's log is the place for everything
+        _init_ray()
+        result = run_pipeline(cfg, force=args.force)
+        report_path = _write_report(cfg, result.run_id)
+    else:
+        result, report_path = _quiet_run(cfg, args.force)
     print(summary_table(cfg, result, time.perf_counter() - started))
+    print(f"report: {report_path}")
     return 0
+
+
+def _quiet_run(cfg, force: list[str]):
+    """The pipeline with Ray's and MLflow's output in a log file (``pipelines.console``): the terminal gets the
+    stage lines and progress; the log becomes the pipeline run's artifact ``logs/``. Returns (result, report)."""
+    import ray
+
+    from pipelines import tracking
+    from pipelines.console import ProgressMonitor, log_file_path, quiet_terminal
+    from pipelines.dag import run_pipeline
+
+    log_path = log_file_path(cfg.tracking.uri)
+    print(f"Ray and MLflow output: {log_path} (sslflow -v run shows it here)", flush=True)
+    with quiet_terminal(log_path) as console:
+        started_ray = not ray.is_initialized()
+        try:
+            _init_ray()
+            result = run_pipeline(cfg, force=force, echo=console.line,
+                                  monitor=lambda run_id: ProgressMonitor(cfg.tracking, run_id, console))
+            console.line("  writing the report")
+            report_path = _write_report(cfg, result.run_id)
+        finally:
+            if started_ray:
+                ray.shutdown()  # inside the quiet block: Ray's goodbye lines go to the log too
+    tracking.log_artifact(cfg.tracking, result.run_id, log_path, "logs")
+    return result, report_path
+
+
+def _write_report(cfg, run_id: str) -> Path:
+    from pipelines.report import write_report
+
+    return write_report(cfg.tracking, run_id)
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
     from pipelines.stages.ingest import ingest
 
-    manifest = ingest(args.source, Path(args.out), val_fraction=args.val_fraction, label_fraction=args.label_fraction,
+    if args.ray:
+        _init_ray()
+    manifest = ingest(args.source, args.out, val_fraction=args.val_fraction, label_fraction=args.label_fraction,
                       seed=args.seed, download=args.download, overwrite=args.overwrite,
-                      npz_keys=_npz_keys(args.npz_key))
+                      npz_keys=_npz_keys(args.npz_key), executor="ray" if args.ray else "threads",
+                      progress=True, **({"shard_rows": args.shard_rows} if args.shard_rows else {}))
     splits = ", ".join(f"{name} {info['rows']}" for name, info in manifest["splits"].items())
     print(f"ingested {args.source} -> {args.out}: {splits}; {manifest['corrupt_count']} corrupt images skipped")
     for item in manifest["corrupt"][:20]:
@@ -111,12 +155,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """The pretrain stage alone (ingesting first if the dataset is missing), in its own MLflow run."""
     from pipelines import tracking
-    from pipelines.datasets import MANIFEST_NAME
+    from pipelines.datasets import has_manifest
     from pipelines.stages import pretrain
     from pipelines.stages.ingest import ingest
 
     cfg = _load(args.config)
-    if not (Path(cfg.data.path) / MANIFEST_NAME).is_file():
+    if not has_manifest(cfg.data.path):
         ingest(cfg.data.source, cfg.data.path, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
                npz_keys=cfg.data.npz_keys)
     _check_against_data(cfg)
@@ -134,6 +178,34 @@ def cmd_promote(args: argparse.Namespace) -> int:
     cfg = _load(args.config)
     decision = promote(cfg.tracking, args.model, args.version, cfg.registry.promote_margin, force=args.force)
     print(f"{args.model}/{args.version}: {'promoted' if decision['promoted'] else 'not promoted'}: {decision['reason']}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pipelines.serving.app import ServeOptions, run_app
+
+    cfg = _load(args.config)
+    options = ServeOptions(tracking_uri=cfg.tracking.uri, name=args.name or cfg.registry.model_name, alias=args.alias,
+                           poll_seconds=args.poll_seconds, max_batch_size=args.max_batch_size,
+                           num_replicas=args.replicas, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    _init_ray()
+    run_app(options, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write the HTML report of a pipeline run (``pipelines.report``) and log it as the run's artifact."""
+    from pipelines.report import write_report
+
+    cfg = _load(args.config)
+    print(f"report: {write_report(cfg.tracking, args.run_id)}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from pipelines.summary import show_run
+
+    print(show_run(_load(args.config), args.run_id))
     return 0
 
 
@@ -158,7 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ingest = commands.add_parser("ingest", help="write a source as Parquet shards + _manifest.json")
     ingest.add_argument("source", help="builtin:digits, an image folder, a .npz, cifar10:/cifar100:/stl10:PATH")
-    ingest.add_argument("out")
+    ingest.add_argument("out", help="a local folder, or s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (credentials and "
+                        "endpoint from AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL)")
+    ingest.add_argument("--ray", action="store_true",
+                        help="decode/check/encode as Ray tasks, one per chunk of --shard-rows files (joins RAY_ADDRESS "
+                        "or starts a local Ray); default: threads in this process")
+    ingest.add_argument("--shard-rows", type=int, default=None, help="rows per shard and per task (default 8192)")
     ingest.add_argument("--val-fraction", type=float, default=0.1,
                         help="labeled train rows set aside as the kNN monitor's queries (pretraining still trains "
                              "on them; 0: the monitor holds out a slice of the labeled rows instead)")
@@ -205,20 +282,76 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--config", default=None, help="for the tracking URI and margin (default quickstart)")
     promote.set_defaults(func=cmd_promote)
 
+    serve = commands.add_parser("serve", help="serve NAME@ALIAS over HTTP with Ray Serve; follows the alias")
+    serve.add_argument("name", nargs="?", default=None, help="registered model (default: registry.model_name)")
+    serve.add_argument("--alias", default="champion")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--replicas", type=int, default=1)
+    serve.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    serve.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per replica (0: CPU)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="images of up to this many requests per forward")
+    serve.add_argument("--poll-seconds", type=float, default=10.0, help="how often to check the alias (0: never)")
+    serve.add_argument("--config", default=None, help="for the tracking URI and model name (default quickstart)")
+    serve.set_defaults(func=cmd_serve)
+
     ls = commands.add_parser("ls", help="list pipeline runs with their stages' status and key metrics")
     ls.add_argument("--config", default=None)
     ls.add_argument("--limit", type=int, default=10)
     ls.set_defaults(func=cmd_ls)
+
+    report = commands.add_parser("report", help="write the HTML report of a pipeline run (and log it to the run)")
+    report.add_argument("run_id", nargs="?", help="a pipeline run id (`sslflow ls`); default: the newest")
+    report.add_argument("--config", default=None, help="for the tracking URI (default quickstart)")
+    report.set_defaults(func=cmd_report)
+
+    show = commands.add_parser("show", help="one pipeline run: its stages, metrics, artifacts, registry versions")
+    show.add_argument("run_id", nargs="?", help="a pipeline run id (`sslflow ls`); default: the newest")
+    show.add_argument("--config", default=None, help="for the tracking URI (default quickstart)")
+    show.set_defaults(func=cmd_show)
+
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="everything Ray and MLflow print, on the terminal; tracebacks of every error")
+    for command in commands.choices.values():  # `sslflow run -v` as well as `sslflow -v run`
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help=argparse.SUPPRESS)
     return parser
+
+
+def what_to_do(error: BaseException) -> str:
+    """The one line that ends a user error's message: what to do about it."""
+    if isinstance(error, FileExistsError):
+        return "choose another output path, or pass --overwrite to replace it"
+    if isinstance(error, FileNotFoundError):
+        return "check the path above (relative paths are from the current folder), then run the command again"
+    return ("fix the value named above (in the config file or on the command line) and run again; "
+            "`sslflow run CONFIG --dry-run` checks a config without running anything")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except USER_ERRORS as error:
+        error = getattr(error, "cause", None) if isinstance(getattr(error, "cause", None), USER_ERRORS) else error
+        if args.verbose:
+            raise
         print(f"sslflow: error: {error}", file=sys.stderr)
+        print(f"sslflow: {what_to_do(error)}", file=sys.stderr)
         return 2
+    except Exception as error:  # a bug: one line by default, the traceback with -v
+        if args.verbose:
+            raise
+        print(f"sslflow: internal error: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+              file=sys.stderr)
+        print("sslflow: rerun with -v for the traceback, and report it with the log file named above",
+              file=sys.stderr)
+        return 1
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
+"""What a person's input causes (a config value, a path, an existing output): a message and what to do, no
+traceback unless -v. Ray wraps a stage's error in ``RayTaskError`` that is also an instance of it (``.cause``)."""
 
 
 if __name__ == "__main__":

@@ -25,13 +25,13 @@ import hashlib
 import importlib
 import json
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from pipelines import tracking
 from pipelines.config import PipelineConfig, config_value
-from pipelines.datasets import MANIFEST_NAME, read_manifest
+from pipelines.datasets import has_manifest, read_manifest
 from pipelines.records import (
     ClassifierRecord,
     EvaluateRecord,
@@ -59,8 +59,9 @@ class Stage:
     enabled_by: str | None = None
     output_version: int = 0
     """Raised when what the stage writes changes incompatibly (finetune and distill: 1, their models became
-    ``ssl_core.classifier.Classifier``; finetune: 2, its record holds a teacher per labeled fraction); part of the
-    fingerprint when not 0, so older runs are not reused."""
+    ``ssl_core.classifier.Classifier``; finetune: 2, its record holds a teacher per labeled fraction; register: 1,
+    it registers served python_function models, not the training runs' pickled modules); part of the fingerprint
+    when not 0, so older runs are not reused."""
 
     def run(self, cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> StageRecord:
         """``pipelines.stages.<name>.run``, imported when the stage runs (planning, a dry run and ``sslflow ls``
@@ -81,7 +82,8 @@ STAGES: dict[str, Stage] = {
               FinetuneRecord, output_version=2),
         Stage("distill", ("ingest", "finetune"), ("distill", "scaling.num_workers", "scaling.use_gpu"),
               ClassifierRecord, output_version=1),
-        Stage("register", ("ingest", "finetune", "distill"), ("registry",), RegisterRecord),
+        Stage("register", ("ingest", "pretrain", "finetune", "distill"), ("registry",), RegisterRecord,
+              output_version=1),
         Stage("promote", ("register",), ("registry",), PromoteRecord, reusable=False),
     )
 }
@@ -146,7 +148,7 @@ class PipelineResult:
 
 
 def _known_dataset_hash(cfg: PipelineConfig) -> str | None:
-    if not (Path(cfg.data.path) / MANIFEST_NAME).is_file():
+    if not has_manifest(cfg.data.path):
         return None
     return read_manifest(cfg.data.path)["content_hash"]
 
@@ -206,16 +208,20 @@ def execute_stage(stage_name: str, config: dict[str, Any], fingerprint_value: st
     }
     values = cfg.to_dict()
     params = {key: config_value(values, key) for key in stage.config_keys}
-    with tracking.run(cfg.tracking, stage_name, tags, pipeline_run_id, params) as run_id:
+    tracking.fail_dead_attempts(cfg.tracking, stage_name, pipeline_run_id)
+    with tracking.run(cfg.tracking, tracking.stage_run_name(cfg.name, stage_name), tags, pipeline_run_id,
+                      params) as run_id:
         record = dataclasses.replace(stage.run(cfg, run_id, inputs), run_id=run_id, fingerprint=fingerprint_value)
         tracking.set_tags(cfg.tracking, run_id, {tracking.RECORD_TAG: record.to_json()})
     return record
 
 
 def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: bool = False, until: str | None = None,
-                 echo: Callable[[str], None] = print) -> PipelineResult:
+                 echo: Callable[[str], None] = print,
+                 monitor: Callable[[str], AbstractContextManager] | None = None) -> PipelineResult:
     """Run (or with ``dry_run`` only plan) the pipeline, or with ``until`` only that stage and its upstream;
-    Ray must be initialised unless ``dry_run``."""
+    Ray must be initialised unless ``dry_run``. ``echo`` gets the run's and each stage's reuse decision;
+    ``monitor(pipeline_run_id)`` (e.g. ``pipelines.console.ProgressMonitor``) is entered while the stages run."""
     force = list(force)
     tracking.ensure_experiment(cfg.tracking)
     if dry_run:
@@ -226,11 +232,14 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: boo
 
     remote_stage = ray.remote(execute_stage)
     config = cfg.to_dict()
-    parent = tracking.start_run(cfg.tracking, cfg.name, tags={tracking.PIPELINE_TAG: cfg.name,
-                                                             tracking.STAGE_TAG: "pipeline"})
+    parent = tracking.start_run(cfg.tracking, tracking.stage_run_name(cfg.name, "pipeline"),
+                                tags={tracking.PIPELINE_TAG: cfg.name, tracking.STAGE_TAG: "pipeline"})
     tracking.log_params(cfg.tracking, parent, config)
     echo(f"pipeline {cfg.name}: MLflow run {parent} ({cfg.tracking.uri})")
+    watching = ExitStack()
     try:
+        if monitor is not None:
+            watching.enter_context(monitor(parent))
         # Ingest first: every other fingerprint includes the content hash of the dataset it produces.
         ingest_plan = plan(cfg, None, force, until=until)[0]
         if ingest_plan.reused is not None:
@@ -259,9 +268,11 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: boo
                           for name in names])
         records = dict(zip(names, values))
     except BaseException as error:
+        watching.close()
         status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
         tracking.end_run(cfg.tracking, parent, status)
         raise
+    watching.close()
     if "evaluate" in records and "distill" in records:
         tracking.log_metrics(cfg.tracking, parent, [(0, summary_metrics(records))])
     tracking.end_run(cfg.tracking, parent, "FINISHED")

@@ -16,7 +16,7 @@ from typing import Any
 
 import mlflow
 import torch
-from mlflow.entities import Metric, Param
+from mlflow.entities import Metric, Param, ViewType
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import TrackingConfig
@@ -50,6 +50,36 @@ def reused_tag(stage: str) -> str:
     return f"{REUSED_TAG_PREFIX}{stage}"
 
 
+def stage_run_name(pipeline: str, stage: str) -> str:
+    """The MLflow run name of a pipeline's run (``stage="pipeline"``) or of one of its stages:
+    ``quickstart/pretrain``."""
+    return f"{pipeline}/{stage}"
+
+
+SYSTEM_METRICS_INTERVAL_SECONDS = 5.0
+"""How often a training worker samples its machine (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides)."""
+
+
+@contextmanager
+def system_metrics(tracking: TrackingConfig, run_id: str | None, node_id: str) -> Iterator[None]:
+    """MLflow's system metrics of this machine while the block runs: CPU and memory (psutil), disk, network, and
+    GPU utilisation and memory when an NVIDIA GPU and ``pynvml`` are present, logged to ``run_id`` every
+    ``SYSTEM_METRICS_INTERVAL_SECONDS`` as ``system/<node_id>/<name>`` (``node_id`` tells the workers apart).
+    Nothing without a run id."""
+    if run_id is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_SECONDS, node_id=node_id,
+                                   tracking_uri=tracking.uri, resume_logging=True)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+
+
 def client_for(tracking: TrackingConfig) -> MlflowClient:
     mlflow.set_tracking_uri(tracking.uri)
     mlflow.set_registry_uri(tracking.uri)
@@ -64,7 +94,19 @@ def ensure_experiment(tracking: TrackingConfig) -> str:
         return experiment.experiment_id
     if tracking.artifact_location and "://" not in tracking.artifact_location:
         Path(tracking.artifact_location).mkdir(parents=True, exist_ok=True)
-    return client.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location)
+    experiment_id = client.create_experiment(tracking.experiment, artifact_location=tracking.artifact_location)
+    _hide_empty_default_experiment(client, tracking.experiment)
+    return experiment_id
+
+
+def _hide_empty_default_experiment(client: MlflowClient, ours: str) -> None:
+    """A new SQL store starts with an experiment ``Default`` that sslflow never uses: deleted (MLflow keeps it,
+    hidden from the UI) when it holds no runs, so the UI opens on ours."""
+    default = client.get_experiment_by_name("Default")
+    if ours == "Default" or default is None or default.lifecycle_stage != "active":
+        return
+    if not client.search_runs([default.experiment_id], max_results=1, run_view_type=ViewType.ALL):
+        client.delete_experiment(default.experiment_id)
 
 
 def start_run(
@@ -189,6 +231,33 @@ def log_torch_model(
     return info.model_uri
 
 
+def log_pyfunc_model(
+    tracking: TrackingConfig, run_id: str, name: str, *, loader_module: str, data_path: str | Path,
+    code_paths: list[str], signature: Any, input_example: Any, pip_requirements: list[str],
+    metadata: Mapping[str, Any] | None = None,
+) -> str:
+    """Log a ``python_function`` model loaded by ``loader_module._load_pyfunc(<model>/data/<data_path name>)`` with
+    ``code_paths`` shipped inside it, into ``run_id``'s experiment (see ``log_torch_model``). Returns the model URI."""
+    client = client_for(tracking)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = client.create_logged_model(experiment_id, name=name, source_run_id=run_id)
+    # mlflow.pyfunc.log_model writes to the fluent active run; Model.log takes the run id (as mlflow.pytorch does).
+    info = mlflow.models.Model.log(
+        artifact_path=None, flavor=mlflow.pyfunc, name=name, loader_module=loader_module, data_path=str(data_path),
+        code_paths=code_paths, signature=signature, input_example=input_example, pip_requirements=pip_requirements,
+        metadata=dict(metadata or {}), run_id=run_id, model_id=logged.model_id,
+    )
+    return info.model_uri
+
+
+def describe_registered_model(tracking: TrackingConfig, name: str, model_description: str, version: str,
+                              version_description: str) -> None:
+    """Set the descriptions of the registered model ``name`` and of its ``version``."""
+    client = client_for(tracking)
+    client.update_registered_model(name, description=model_description)
+    client.update_model_version(name, str(version), description=version_description)
+
+
 def load_torch_model(tracking: TrackingConfig, model_uri: str) -> torch.nn.Module:
     client_for(tracking)
     return mlflow.pytorch.load_model(model_uri, map_location="cpu")
@@ -197,6 +266,40 @@ def load_torch_model(tracking: TrackingConfig, model_uri: str) -> torch.nn.Modul
 def download_artifact(tracking: TrackingConfig, artifact_uri: str, destination: str | Path) -> Path:
     client_for(tracking)
     return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(destination)))
+
+
+def get_run(tracking: TrackingConfig, run_id: str):
+    """The MLflow ``Run`` (info, params, latest metrics, tags); raises ``ValueError`` naming an unknown id."""
+    try:
+        return client_for(tracking).get_run(run_id)
+    except mlflow.exceptions.MlflowException as error:
+        raise ValueError(f"no MLflow run {run_id!r} in {tracking.uri}") from error
+
+
+def metric_history(tracking: TrackingConfig, run_id: str, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every logged value of ``key``, by step."""
+    return sorted((m.step, m.value) for m in client_for(tracking).get_metric_history(run_id, key))
+
+
+def list_artifacts(tracking: TrackingConfig, run_id: str, path: str | None = None) -> list[tuple[str, int]]:
+    """``(path, size in bytes)`` of every artifact file of the run under ``path``, depth first."""
+    client = client_for(tracking)
+    files: list[tuple[str, int]] = []
+    for item in client.list_artifacts(run_id, path):
+        if item.is_dir:
+            files.extend(list_artifacts(tracking, run_id, item.path))
+        else:
+            files.append((item.path, item.file_size or 0))
+    return files
+
+
+def model_versions_of_runs(tracking: TrackingConfig, run_ids: Iterable[str]) -> list:
+    """The registered ``ModelVersion`` s whose source run is one of ``run_ids``."""
+    client = client_for(tracking)
+    versions = []
+    for run_id in run_ids:
+        versions.extend(client.search_model_versions(f"run_id = '{run_id}'"))
+    return versions
 
 
 def parent_run_id(tracking: TrackingConfig, run_id: str) -> str | None:
@@ -236,6 +339,23 @@ def search_runs(tracking: TrackingConfig, filter_string: str, max_results: int =
         [experiment.experiment_id], filter_string=filter_string, order_by=["attributes.start_time DESC"],
         max_results=max_results,
     )
+
+
+DEAD_ATTEMPT_TAG = "sslflow.dead_attempt"
+
+
+def fail_dead_attempts(tracking: TrackingConfig, stage: str, pipeline_run_id: str) -> list[str]:
+    """Mark FAILED every RUNNING run of ``stage`` under the pipeline run ``pipeline_run_id``, and return their ids.
+
+    Within one pipeline run a stage runs once, so when its stage task starts, a RUNNING run of it under the same
+    parent is an attempt whose Ray worker died (OOM-killed, lost node) and that Ray retried: it is left RUNNING
+    otherwise, forever."""
+    dead = search_runs(tracking, f"tags.`{STAGE_TAG}` = '{stage}' and tags.`{PARENT_TAG}` = '{pipeline_run_id}' "
+                                 "and attributes.status = 'RUNNING'")
+    for run in dead:
+        set_tags(tracking, run.info.run_id, {DEAD_ATTEMPT_TAG: "its Ray task died and Ray retried the stage"})
+        end_run(tracking, run.info.run_id, "FAILED")
+    return [run.info.run_id for run in dead]
 
 
 # ------------------------------------------------------------------------------------------- model registry

@@ -10,7 +10,10 @@
 - end of epoch: rank 0 adds the stage's ``epoch_metrics`` (e.g. the kNN monitor), prints one line and logs to
   MLflow per step ``train_loss``, ``lr`` and the objective's ``StepOutput.logs``, per epoch ``epoch_<metric>``;
   every worker calls ``ray.train.report`` (a barrier), rank 0 with a checkpoint every ``checkpoint_every`` epochs
-  and after the last.
+  and after the last;
+- progress for the driver's console (``pipelines.console``): rank 0 logs ``epochs_total`` at start and
+  ``epochs_done`` per epoch; every worker logs MLflow's system metrics as ``system/rank<N>/...``
+  (``tracking.system_metrics``).
 
 Ray calls are limited to ``get_context``, ``get_checkpoint``, ``get_dataset_shard``, ``report`` and
 ``torch.prepare_model``; MLflow is written by rank 0 only, through ``pipelines.tracking``.
@@ -34,6 +37,7 @@ from torch import nn
 
 from pipelines import tracking
 from pipelines.config import TrackingConfig
+from pipelines.console import EPOCHS_DONE, EPOCHS_TOTAL
 from ssl_core import optim
 from ssl_core.device import compile_or_eager, model_to_memory_format
 from ssl_core.training import BatchPlan, Objective, TrainStep, seed_epoch
@@ -174,46 +178,47 @@ def train(
     shard = ray.train.get_dataset_shard("train")
     batch_size, steps_per_epoch = spec.batch.per_worker_batch, spec.batch.steps_per_epoch
     metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, spec.epochs):
-        if before_epoch is not None:
-            before_epoch(epoch)
-        generator = seed_epoch(spec.seed, epoch, info.rank)
-        rows: list[tuple[int, dict[str, torch.Tensor], float]] = []
-        loss_sum = torch.zeros((), device=info.device)
-        started = time.perf_counter()
-        batches = shard.iter_torch_batches(
-            batch_size=batch_size, drop_last=True, device=info.device, pin_memory=info.device.type == "cuda",
-            local_shuffle_buffer_size=min(4 * batch_size, spec.rows), local_shuffle_seed=spec.seed + epoch,
-        )
-        for index, batch in enumerate(batches):
-            if index == steps_per_epoch:
-                break
-            if step == spec.nan_at_step:
-                batch = {**batch, "image": batch["image"].float() * float("nan")}
-            out, lr = train_step(batch, step, generator)
-            loss_sum += out.loss
-            rows.append((step, {"train_loss": out.loss, **out.logs}, lr))
-            step += 1
-            if step % spec.check_every_steps == 0:
-                train_step.guard.check()
-        train_step.guard.check()
-        seconds = time.perf_counter() - started
-        metrics = {
-            "epoch": epoch + 1,
-            "step": step,
-            "loss": float(loss_sum) / max(1, len(rows)),
-            "images_per_second": len(rows) * batch_size * info.world_size / seconds,
-        }
-        checkpoint_due = (epoch + 1) % spec.checkpoint_every == 0 or epoch + 1 == spec.epochs
-        checkpoint = None
-        if info.is_chief:
-            if epoch_metrics is not None:
-                metrics.update(epoch_metrics(epoch + 1))
-            log.epoch(rows, metrics)
-            if checkpoint_due:
-                checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                              "step": step}
-        report(metrics, checkpoint, info.rank)
+    with tracking.system_metrics(tracking_config, run_id, f"rank{info.rank}"):  # CPU/GPU/memory per worker
+        for epoch in range(start_epoch, spec.epochs):
+            if before_epoch is not None:
+                before_epoch(epoch)
+            generator = seed_epoch(spec.seed, epoch, info.rank)
+            rows: list[tuple[int, dict[str, torch.Tensor], float]] = []
+            loss_sum = torch.zeros((), device=info.device)
+            started = time.perf_counter()
+            batches = shard.iter_torch_batches(
+                batch_size=batch_size, drop_last=True, device=info.device, pin_memory=info.device.type == "cuda",
+                local_shuffle_buffer_size=min(4 * batch_size, spec.rows), local_shuffle_seed=spec.seed + epoch,
+            )
+            for index, batch in enumerate(batches):
+                if index == steps_per_epoch:
+                    break
+                if step == spec.nan_at_step:
+                    batch = {**batch, "image": batch["image"].float() * float("nan")}
+                out, lr = train_step(batch, step, generator)
+                loss_sum += out.loss
+                rows.append((step, {"train_loss": out.loss, **out.logs}, lr))
+                step += 1
+                if step % spec.check_every_steps == 0:
+                    train_step.guard.check()
+            train_step.guard.check()
+            seconds = time.perf_counter() - started
+            metrics = {
+                "epoch": epoch + 1,
+                "step": step,
+                "loss": float(loss_sum) / max(1, len(rows)),
+                "images_per_second": len(rows) * batch_size * info.world_size / seconds,
+            }
+            checkpoint_due = (epoch + 1) % spec.checkpoint_every == 0 or epoch + 1 == spec.epochs
+            checkpoint = None
+            if info.is_chief:
+                if epoch_metrics is not None:
+                    metrics.update(epoch_metrics(epoch + 1))
+                log.epoch(rows, metrics)
+                if checkpoint_due:
+                    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "epoch": epoch + 1, "step": step}
+            report(metrics, checkpoint, info.rank)
     return model, metrics
 
 
@@ -233,10 +238,11 @@ class _EpochLog:
         if self.active and batch.reduced:
             print(f"[{self.spec.stage}] {self.spec.rows} rows cannot fill {self.world_size} x {self.spec.stage}"
                   f".batch_size: using {batch.per_worker_batch} per worker", flush=True)
-        self._log([(0, {"per_worker_batch_size": batch.per_worker_batch, "steps_per_epoch": batch.steps_per_epoch})])
+        self._log([(0, {"per_worker_batch_size": batch.per_worker_batch, "steps_per_epoch": batch.steps_per_epoch,
+                        EPOCHS_TOTAL: self.spec.epochs})])
 
     def resumed(self, step: int, epoch: int) -> None:
-        self._log([(step, {"resumed_from_epoch": epoch})])
+        self._log([(step, {"resumed_from_epoch": epoch, EPOCHS_TOTAL: self.spec.epochs})])
 
     def epoch(self, rows: list[tuple[int, dict[str, torch.Tensor], float]], metrics: dict[str, float]) -> None:
         extra = "".join(f"  {name} {value:.4f}" for name, value in metrics.items()
@@ -246,4 +252,5 @@ class _EpochLog:
         step_rows = [(step, {**{name: float(value) for name, value in values.items()}, "lr": lr})
                      for step, values, lr in rows]
         epoch_values = {f"epoch_{name}": value for name, value in metrics.items() if name not in ("epoch", "step")}
+        epoch_values[EPOCHS_DONE] = metrics["epoch"]  # what the driver's progress bar reads (pipelines.console)
         self._log([*step_rows, (int(metrics["epoch"]), epoch_values)])

@@ -29,6 +29,16 @@ def ray_session():
 
 REPO = Path(__file__).resolve().parents[1]
 
+BLOCK_PIPELINES_IMPORT = """
+import sys
+class NoPipelines:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pipelines" or name.startswith("pipelines."):
+            raise ImportError(f"{name} must not be needed to load a registered model")
+sys.meta_path.insert(0, NoPipelines())
+"""
+"""Code that makes ``import pipelines`` fail, for a subprocess that shows a logged model loads without it."""
+
 
 def shrunk_quickstart(tmp_path: Path, data_path: Path) -> dict:
     """The quickstart pipeline made tiny: ResNet-8 at 16 px, one epoch per training stage."""
@@ -74,3 +84,79 @@ def quickstart_run(ray_session, tmp_path_factory) -> QuickstartRun:
     values["distill"].update(teacher_fraction=0.05, labeled_loss_weight=0.5)
     cfg = config_from_mapping(values)
     return QuickstartRun(values=values, cfg=cfg, result=run_pipeline(cfg), workdir=workdir)
+
+
+
+def _free_loopback_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+S3_ENV = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_loopback_port()}", "AWS_ACCESS_KEY_ID": "sslflow-test",
+          "AWS_SECRET_ACCESS_KEY": "sslflow-test", "AWS_DEFAULT_REGION": "us-east-1",
+          "AWS_EC2_METADATA_DISABLED": "true"}
+"""The test session's object store: set here, at import, before any Ray starts, so that Ray workers (and the
+processes of the cluster test) inherit the endpoint and credentials exactly as a cluster node reads them from its
+environment. Nothing listens on the endpoint until a test asks for ``s3_server``; real AWS is never reached."""
+os.environ.update(S3_ENV)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A local S3-compatible server (moto in server mode) at ``S3_ENV["AWS_ENDPOINT_URL"]``."""
+
+    endpoint: str
+    pid: int
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name`` (once) and return its ``s3://`` URI."""
+        import boto3
+
+        client = boto3.client("s3")  # endpoint and credentials from S3_ENV
+        if name not in {bucket["Name"] for bucket in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """Start ``moto_server`` on the session's loopback endpoint and stop it by its pid at the end."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+
+    endpoint = S3_ENV["AWS_ENDPOINT_URL"]
+    executable = shutil.which("moto_server") or str(Path(sys.executable).with_name("moto_server"))
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with log.open("w") as handle:
+        process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", endpoint.rsplit(":", 1)[1]], stdout=handle,
+                                   stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).close()
+            break
+        except urllib.error.HTTPError:
+            break  # it answers
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise RuntimeError(f"moto_server did not start at {endpoint}: {log.read_text()[-2000:]}") from None
+            time.sleep(0.2)
+    try:
+        yield S3Server(endpoint=endpoint, pid=process.pid)
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()

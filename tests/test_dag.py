@@ -124,6 +124,30 @@ def test_killed_pipeline_resumes_reusing_finished_stages(ray_session, tmp_path: 
     assert set(_stage_runs(uri, resumed.run_id)) >= {"finetune", "distill", "register", "promote"}
 
 
+def test_a_retried_stage_task_fails_the_run_its_dead_attempt_left_running(tmp_path: Path) -> None:
+    """Ray retries a stage task whose worker died (OOM, lost node); the retry marks the first attempt's run FAILED."""
+    cfg = config_from_mapping({"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db",
+                                            "artifact_location": str(tmp_path / "artifacts")}}, base=tmp_path)
+    parent = tracking.start_run(cfg.tracking, "pipeline", tags={tracking.STAGE_TAG: "pipeline"})
+    other_parent = tracking.start_run(cfg.tracking, "pipeline", tags={tracking.STAGE_TAG: "pipeline"})
+
+    def child(stage: str, parent_id: str, status: str | None = None) -> str:
+        run_id = tracking.start_run(cfg.tracking, stage, tags={tracking.STAGE_TAG: stage}, parent_run_id=parent_id)
+        if status is not None:
+            tracking.end_run(cfg.tracking, run_id, status)
+        return run_id
+
+    dead = child("finetune", parent)
+    finished, running_elsewhere = child("finetune", parent, "FINISHED"), child("finetune", other_parent)
+    other_stage = child("distill", parent)
+    assert tracking.fail_dead_attempts(cfg.tracking, "finetune", parent) == [dead]
+    client = MlflowClient(cfg.tracking.uri)
+    assert client.get_run(dead).info.status == "FAILED"
+    assert client.get_run(dead).data.tags[tracking.DEAD_ATTEMPT_TAG].startswith("its Ray task died")
+    assert [client.get_run(r).info.status for r in (finished, running_elsewhere, other_stage)] == [
+        "FINISHED", "RUNNING", "RUNNING"]
+
+
 def test_promotion_decision() -> None:
     assert promotion_decision(0.5, None, 0.0)[0]
     assert promotion_decision(0.8, 0.7, 0.05)[0]
