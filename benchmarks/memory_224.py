@@ -18,6 +18,7 @@ import io
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 DATASETS = Path(__file__).resolve().parents[2] / "shared" / "datasets"
@@ -47,8 +48,6 @@ def one_case(batch: int, backbone: str) -> dict:
     views = simclr_views(224)(decoded, torch.Generator().manual_seed(0))
     after_views = peak_mib()
     method = build_method("simclr", {"backbone": backbone, "image_size": 224, "small_images": False})
-    import time
-
     started = time.perf_counter()
     method.training_step(views).loss.backward()
     return {"batch": batch, "backbone": backbone, "after_views_mib": round(after_views),

@@ -225,11 +225,6 @@ def _read_shards(
                 yield table.drop_columns(["split"]) if image_size is None else decode_table(table, image_size)
 
 
-def _decode_rows(table: pa.Table, image_size: int) -> dict[str, np.ndarray]:
-    """``map_batches`` function of a materialised ``read_split``: decode rows kept encoded in the object store."""
-    return decode_table(table, image_size)
-
-
 def _iter_batches(path: str, batch_size: int) -> Iterator[pa.RecordBatch]:
     """Stream one shard (path or URI) in ``batch_size``-row record batches. The file system is rebuilt from the URI
     here, in the reading task, so a task on another node uses that node's credentials."""
@@ -300,7 +295,7 @@ def read_split(
     )
     if not materialize:
         return rows
-    return rows.materialize().map_batches(_decode_rows, fn_kwargs={"image_size": image_size}, batch_size=batch_size,
+    return rows.materialize().map_batches(decode_table, fn_kwargs={"image_size": image_size}, batch_size=batch_size,
                                           batch_format="pyarrow", num_cpus=READ_CPUS)
 
 
