@@ -126,6 +126,12 @@ ALPHA_BACKGROUND = (255, 255, 255)
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+def scale_16_bit(values: np.ndarray) -> np.ndarray:
+    """16-bit intensities (0..65535) as 8-bit ones: ``round(v * 255 / 65535)``, the full range kept (clipping at
+    255 would turn nearly every pixel white). Shape unchanged; dtype uint8."""
+    return np.clip(np.round(values.astype(np.float64) * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+
+
 def as_seen(image: Image.Image) -> Image.Image:
     """The image a person sees, in mode ``L`` (grayscale sources) or ``RGB`` (everything else), 8 bits per channel.
 
@@ -139,8 +145,7 @@ def as_seen(image: Image.Image) -> Image.Image:
     """
     image = ImageOps.exif_transpose(image)
     if image.mode in _HIGH_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(np.round(values * (255.0 / 65535.0)), 0, 255).astype(np.uint8), mode="L")
+        return Image.fromarray(scale_16_bit(np.asarray(image)), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -207,8 +212,8 @@ def _as_hwc_uint8(image: Image.Image) -> np.ndarray:
 def read_image_file(path: Path) -> tuple[np.ndarray, bytes | None]:
     """Verify and fully decode one image file.
 
-    Returns ``(image (H, W, C) uint8 as ``as_seen`` gives it, original bytes if PNG/JPEG in mode L/RGB with no
-    EXIF rotation else None)``: a rotated, transparent, palette or 16-bit file is stored as a PNG of what it shows.
+    Returns ``(image (H, W, C) uint8 as ``as_seen`` gives it, original bytes if 8-bit PNG/JPEG in mode L/RGB with
+    no EXIF rotation else None)``: a rotated, transparent, palette or 16-bit file is stored as a PNG of what it shows.
     Raises ``CorruptImageError`` when PIL cannot identify, verify (chunk CRCs) or fully load the file;
     a truncated file fails because ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` is left at its default False.
     """
@@ -225,5 +230,11 @@ def read_image_file(path: Path) -> tuple[np.ndarray, bytes | None]:
         message = "cannot identify image file" if isinstance(error, UnidentifiedImageError) else str(error)
         reason = f"{type(error).__name__}: {message}".strip().rstrip(":")
         raise CorruptImageError(CorruptImage(str(path), reason)) from error
-    keep_bytes = image_format in ("PNG", "JPEG") and mode in ("L", "RGB") and upright
+    keep_bytes = image_format in ("PNG", "JPEG") and mode in ("L", "RGB") and upright and not _png_16_bit(data)
     return array, (data if keep_bytes else None)
+
+
+def _png_16_bit(data: bytes) -> bool:
+    """Whether ``data`` is a PNG of 16 bits per sample (its IHDR's bit depth, byte 24): PIL opens a 16-bit RGB PNG
+    as mode RGB (high bytes), so only the header tells; such a file is stored as the 8-bit PNG of what it shows."""
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 24 and data[24] == 16

@@ -14,6 +14,9 @@ download touches the network, and only with ``download=True``.
 from __future__ import annotations
 
 import bisect
+import hashlib
+import importlib.metadata
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
@@ -25,7 +28,7 @@ from PIL import ImageFile
 from torchvision.datasets import CIFAR10, CIFAR100, STL10, VisionDataset
 from torchvision.datasets.utils import check_integrity
 
-from ssl_core.data import IMAGE_EXTENSIONS, Sample, SourceRecord, read_image_file
+from ssl_core.data import IMAGE_EXTENSIONS, Sample, SourceRecord, read_image_file, scale_16_bit
 from ssl_core.registry import Registry
 
 
@@ -41,6 +44,8 @@ class ImageSource(ABC):
     """Auto-detection asks the kinds in ascending rank (then name order); the first that recognises wins."""
     class_names: list[str] | None = None
     """Label names (index = label) when the source knows them."""
+    package: ClassVar[str] = ""
+    """A built-in source: the package that ships its data (its version is the source's signature)."""
 
     @classmethod
     def detect(cls, path: Path) -> ImageSource | None:
@@ -114,6 +119,63 @@ def open_source(source: str, *, download: bool = False, npz_keys: Mapping[str, s
         f"unknown source format for {'file' if path.is_file() else 'folder'} {str(path)!r}; "
         f"expected one of ({expected}), or name the kind as KIND:PATH"
     )
+
+
+def source_path(source: str, base: Path | None = None) -> Path | None:
+    """The existing file or folder ``source`` names (``KIND:PATH`` or PATH; relative to ``base``, default the working
+    directory), or None for a known ``builtin:NAME``. Reads nothing: an unknown built-in name raises ``ValueError``
+    listing the known ones, a path that does not exist ``FileNotFoundError`` naming it."""
+    prefix, _, rest = source.partition(":")
+    if prefix == "builtin":
+        if rest not in BUILTIN_SOURCES:
+            known = ", ".join(f"builtin:{name}" for name in BUILTIN_SOURCES.names())
+            raise ValueError(f"unknown built-in source {source!r}; known: {known}")
+        return None
+    path = Path(rest if prefix in SOURCES and rest else source).expanduser()
+    if base is not None and not path.is_absolute():
+        path = base / path
+    if not path.exists():
+        raise FileNotFoundError(f"ingest source {str(path)!r} does not exist")
+    return path
+
+
+SIGNATURE_HASH_BYTES = 1 << 30
+"""A source file up to this size is hashed whole for its signature; a bigger one by size and mtime only."""
+
+
+def source_signature(source: str) -> str:
+    """A cheap signature of what ``source`` (as ``open_source`` takes it) holds now, without decoding any image:
+    it changes when the source's content does, so a changed source is ingested again.
+
+    - ``builtin:NAME``: the name and the version of the package that ships the data (``package``).
+    - a folder (image folder, CIFAR/STL-10 files): sha256 of the sorted list of every non-hidden file under it
+      (relative path, size, mtime in ns), so adding, removing, replacing or touching a file changes it.
+    - a file (``.npz``): size, mtime and the sha256 of its bytes (size and mtime only above
+      ``SIGNATURE_HASH_BYTES``).
+    Errors as ``source_path``.
+    """
+    path = source_path(source)
+    if path is None:
+        name = source.partition(":")[2]
+        package = BUILTIN_SOURCES.get(name).package
+        return f"builtin:{name}@{package}=={importlib.metadata.version(package)}"
+    digest = hashlib.sha256()
+    if path.is_file():
+        stat = path.stat()
+        digest.update(f"file {stat.st_size} {stat.st_mtime_ns}\n".encode())
+        if stat.st_size <= SIGNATURE_HASH_BYTES:
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        return f"file:sha256:{digest.hexdigest()}"
+    for directory, folders, files in os.walk(path):
+        folders[:] = sorted(name for name in folders if not name.startswith("."))
+        for name in sorted(files):
+            if not name.startswith("."):
+                file = Path(directory, name)
+                stat = file.stat()
+                digest.update(f"{file.relative_to(path).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return f"folder:sha256:{digest.hexdigest()}"
 
 
 @register_source("folder")
@@ -202,9 +264,10 @@ class ImageFolderSource(ImageSource):
 
 
 class ArraySource(ImageSource):
-    """Images in uint8 arrays, in parts: ``(name for error messages, images (N, H, W[, C]), N records)``.
+    """Images in uint8 or uint16 arrays, in parts: ``(name for error messages, images (N, H, W[, C]), N records)``.
 
-    Every part has shape (N, H, W), (N, H, W, 1) or (N, H, W, 3), and all parts one image shape.
+    Every part has shape (N, H, W), (N, H, W, 1) or (N, H, W, 3), and all parts one image shape. A uint16 part
+    (16-bit scans, microscopy) is loaded scaled to 8 bits by its bit depth (``scale_16_bit``: v * 255 / 65535).
     """
 
     def __init__(
@@ -214,8 +277,8 @@ class ArraySource(ImageSource):
         self._starts: list[int] = []  # position in records() of each part's first image
         self._records: list[SourceRecord] = []
         for name, images, records in parts:
-            if images.dtype != np.uint8:
-                raise ValueError(f"{name} must be uint8, got {images.dtype}")
+            if images.dtype not in (np.uint8, np.uint16):
+                raise ValueError(f"{name} must be uint8 or uint16, got {images.dtype}")
             if images.ndim == 3:
                 images = images[:, :, :, None]
             if images.ndim != 4 or images.shape[3] not in (1, 3):
@@ -237,6 +300,8 @@ class ArraySource(ImageSource):
         part = bisect.bisect_right(self._starts, index) - 1
         record = self._records[index]
         image = np.ascontiguousarray(self._images[part][index - self._starts[part]])
+        if image.dtype == np.uint16:
+            image = scale_16_bit(image)
         return Sample(record.id, image, record.label, record.origin_split)
 
 
@@ -313,7 +378,8 @@ def _channels_last(images: np.ndarray) -> np.ndarray:
 
 @register_source("npz")
 class NpzSource(ArraySource):
-    """A NumPy ``.npz``: train images (N, H, W[, C]) uint8 and optional labels (N,) or (N, 1) of non-negative ints.
+    """A NumPy ``.npz``: train images (N, H, W[, C]) uint8 (or uint16, scaled to 8 bits) and optional labels (N,) or
+    (N, 1) of non-negative ints.
 
     The arrays are found by name (``NPZ_KEY_NAMES``: ``x`` or ``x_train``, ``y`` or ``y_train``, ``x_test``,
     ``y_test``, ...) or named by ``keys`` (``{"x": "train_images", "y_test": "labels_test"}``; the CLI's
@@ -359,6 +425,8 @@ class DigitsSource(ArraySource):
     needed. Pixel values 0..16 are rescaled to 0..255. It has no train/test split of its own.
     Ids: ``digits/0000``.
     """
+
+    package = "scikit-learn"
 
     def __init__(self) -> None:
         from sklearn.datasets import load_digits  # lazy: scikit-learn is only needed for this source

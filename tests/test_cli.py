@@ -100,7 +100,9 @@ def test_ingest_an_npz_with_common_or_mapped_array_names(tmp_path: Path, capsys)
 
 
 def test_data_npz_keys_in_the_config_are_validated(tmp_path: Path) -> None:
-    cfg = load_config(quickstart_with(tmp_path, data={"source": "own.npz", "npz_keys": {"x": "pictures"}}))
+    np.savez(tmp_path / "own.npz", pictures=random_images(4, 8, 8, 3))  # a source must exist to load
+    own = {"source": str(tmp_path / "own.npz"), "npz_keys": {"x": "pictures"}}
+    cfg = load_config(quickstart_with(tmp_path, data=own))
     assert cfg.data.npz_keys == {"x": "pictures"}
     with pytest.raises(ValueError, match=r"data\.npz_keys\.images='pictures' is not allowed: roles x, y, x_test"):
         load_config(quickstart_with(tmp_path, data={"npz_keys": {"images": "pictures"}}))

@@ -7,6 +7,8 @@ folder of these files read back from its Parquet shards."""
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +70,27 @@ def write_gray16(path: Path) -> np.ndarray:
     return np.repeat(scaled[:, :, None], 3, axis=2)
 
 
+def png_16_bit_rgb(values: np.ndarray) -> bytes:
+    """A 16-bit-per-channel RGB PNG (colour type 2, bit depth 16; PIL cannot write one), chunk by chunk."""
+    height, width, _ = values.shape
+    scanlines = b"".join(b"\x00" + values[row].astype(">u2").tobytes() for row in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(scanlines))
+            + chunk(b"IEND", b""))
+
+
+def write_rgb16(path: Path) -> np.ndarray:
+    ramp = np.arange(64).reshape(8, 8) * 1040  # 0 .. 65520
+    values = np.stack([ramp, ramp[::-1], 65535 - ramp], axis=2).astype(np.uint16)
+    path.write_bytes(png_16_bit_rgb(values))
+    return np.array([[[round(int(v) * 255 / 65535) for v in pixel] for pixel in row] for row in values],
+                    dtype=np.uint8)
+
+
 def write_gray(path: Path) -> np.ndarray:
     values = (np.arange(64).reshape(8, 8) * 4).astype(np.uint8)
     Image.fromarray(values, mode="L").save(path)
@@ -94,6 +117,7 @@ CASES = {
     "palette.png": (write_palette, 0),
     "palette_transparent.png": (write_palette_transparent, 0),
     "gray16.png": (write_gray16, 0),
+    "rgb16.png": (write_rgb16, 0),  # PIL keeps each channel's high byte: within 1 of the scaled value
     "gray.png": (write_gray, 0),
     "exif_rotated.jpg": (write_exif_rotated, 12),  # JPEG: a few levels of error at the colour edges
 }
@@ -134,6 +158,19 @@ def test_ingested_folder_stores_what_is_seen(tmp_path: Path):
     rows = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
     for name, (image, tolerance) in expected.items():
         assert_close(decode_rgb(rows[name]), image, tolerance)
+
+
+def test_a_16_bit_npz_is_scaled_to_8_bits_not_clipped(tmp_path: Path):
+    """uint16 arrays (16-bit scans) ingest as v * 255 / 65535 (bit depth), read back from the Parquet shards."""
+    ramp = (np.arange(4 * 64).reshape(4, 8, 8) * 257).astype(np.uint16)  # 0 .. 65535 over the 4 images
+    np.savez(tmp_path / "scans.npz", x=ramp)
+    manifest = ingest(str(tmp_path / "scans.npz"), tmp_path / "out", val_fraction=0.0, test_fraction=0.0)
+    table = pq.read_table([str(tmp_path / "out" / shard["file"]) for shard in manifest["shards"]])
+    rows = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist(), strict=True))
+    for index in range(4):
+        expected = np.array([[round(int(v) * 255 / 65535) for v in row] for row in ramp[index]], dtype=np.uint8)
+        assert_close(decode_rgb(rows[f"scans/{index}"]), np.repeat(expected[:, :, None], 3, axis=2), 0)
+    assert decode_rgb(rows["scans/0"]).min() == 0 and decode_rgb(rows["scans/3"]).max() == 255
 
 
 def test_224_px_path_ingest_bounds_big_originals_and_augments_at_224(tmp_path: Path):

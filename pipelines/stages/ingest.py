@@ -57,14 +57,14 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines import tracking
-from pipelines.config import PipelineConfig
+from pipelines.config import DataConfig, PipelineConfig
 from pipelines.datasets import MANIFEST_NAME, SPLITS, has_manifest, read_manifest, stratified_subset
 from pipelines.records import IngestRecord, StageRecord
 from pipelines.storage import Location, check_reachable, delete_folder, list_names, locate, write_text
 from ssl_core.data import (
     PARQUET_SCHEMA, SCHEMA_VERSION, CorruptImage, CorruptImageError, Sample, SourceRecord, encode_png,
 )
-from ssl_core.sources import ImageSource, open_source
+from ssl_core.sources import ImageSource, open_source, source_signature
 
 logger = logging.getLogger(__name__)
 
@@ -377,6 +377,7 @@ def ingest(
     started = time.perf_counter()
 
     image_source = open_source(source, download=download, npz_keys=npz_keys)
+    signature = source_signature(source)  # before reading: a change while reading shows at the next comparison
     records = image_source.records()
     if not records:
         raise ValueError(f"ingest source {source!r} holds no images")
@@ -406,6 +407,7 @@ def ingest(
             raise ValueError(f"ingest source {source!r}: every image is corrupt ({len(result.corrupt)} files)")
         manifest = _build_manifest(
             source=source,
+            signature=signature,
             image_source=image_source,
             parameters={
                 "seed": seed,
@@ -493,6 +495,7 @@ def _row_digest(row_id: str, image: bytes, label: int | None, split: str) -> byt
 def _build_manifest(
     *,
     source: str,
+    signature: str,
     image_source: ImageSource,
     parameters: dict[str, object],
     test_from: str,
@@ -521,6 +524,7 @@ def _build_manifest(
     return {
         "schema_version": SCHEMA_VERSION,
         "source": source,
+        "source_signature": signature,
         "source_kind": image_source.kind,
         **parameters,
         "test_split_from": test_from,
@@ -555,23 +559,35 @@ def _replace(temporary: Path, out: Path) -> None:
     shutil.rmtree(previous)
 
 
-def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> IngestRecord:
+def dataset_mismatch(data: DataConfig) -> str | None:
+    """Why ``data.path`` does not hold the ingest of ``data`` as the source is now (no manifest; another source,
+    seed, val_fraction or npz_keys; the source changed since: ``source_signature``), or None when it does."""
+    if not has_manifest(data.path):
+        return f"no dataset at {data.path}"
+    existing = read_manifest(data.path)
+    wanted = {"source": data.source, "seed": data.seed, "val_fraction": data.val_fraction,
+              "npz_keys": dict(data.npz_keys) or None}
+    differing = [key for key, value in wanted.items() if existing.get(key) != value]
+    if differing:
+        return f"the dataset at {data.path} was ingested with another {', '.join(differing)}"
+    if existing.get("source_signature") != source_signature(data.source):
+        return f"the source {data.source} changed since it was ingested to {data.path}"
+    return None
+
+
+def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord], *, force: bool = False) -> IngestRecord:
     """Pipeline stage: make sure ``cfg.data.path`` holds the ingest of ``cfg.data.source``; log its manifest.
 
-    An existing output with the same source, seed and fractions is kept (its content hash identifies it);
+    An existing output of the same source (as it is now: ``dataset_mismatch``), seed and fractions is kept (its
+    content hash identifies it) unless ``force`` (``sslflow run --force ingest``: read the source again and rewrite);
     anything else at that path that ``ingest`` wrote is replaced.
     """
     data = cfg.data
-    wanted = {"source": data.source, "seed": data.seed, "val_fraction": data.val_fraction,
-              "npz_keys": dict(data.npz_keys) or None}
-    manifest = None
-    if has_manifest(data.path):
-        existing = read_manifest(data.path)
-        if all(existing.get(key) == value for key, value in wanted.items()):
-            manifest = existing
-    if manifest is None:
+    if force or dataset_mismatch(data) is not None:
         manifest = ingest(data.source, data.path, val_fraction=data.val_fraction, seed=data.seed, overwrite=True,
                           npz_keys=data.npz_keys)
+    else:
+        manifest = read_manifest(data.path)
     tracking.log_json(cfg.tracking, run_id, manifest, MANIFEST_NAME)
     metrics = {**{f"{split}_rows": info["rows"] for split, info in manifest["splits"].items()},
                "corrupt_images": manifest["corrupt_count"]}
