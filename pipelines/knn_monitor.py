@@ -1,8 +1,8 @@
 """What pretraining trains on and what its kNN monitor scores on, decided from the ingest manifest.
 
-Self-supervised pretraining trains on every image of the ``train`` and ``val`` splits (``pretrain_splits``): labels
-play no part in it, so the labeled rows that ingest set aside as ``val`` are trained on too. The ``test`` split is
-never used before the evaluate stage.
+Self-supervised pretraining trains on every image of the ``train`` split (``pretrain_splits``), and on nothing else:
+the ``val`` split is what the promote stage compares models on, so no training step may see it (not even without its
+labels), and the ``test`` split is only reported. Both are read from the evaluate stage on.
 
 The kNN monitor (weighted kNN top-1, ``pretrain.knn_*``) needs labeled rows, and uses the first that exists of
 (``monitor_plan``):
@@ -34,8 +34,8 @@ _HELD_OUT_STREAM = 20  # random stream of the held-out draw (see datasets.strati
 
 
 def pretrain_splits(manifest: dict) -> list[str]:
-    """The splits pretraining reads: ``train`` and ``val`` where they have rows."""
-    return [split for split in ("train", "val") if manifest["splits"].get(split, {}).get("rows", 0) > 0]
+    """The splits pretraining reads: ``train`` (never ``val``, the promotion gate's split, nor ``test``)."""
+    return [split for split in ("train",) if manifest["splits"].get(split, {}).get("rows", 0) > 0]
 
 
 def pretrain_rows(manifest: dict) -> int:

@@ -31,6 +31,7 @@ from torch import nn
 
 from pipelines.datasets import MANIFEST_NAME, load_split_tensors, read_manifest, stratified_subset
 from ssl_core.augment import IMAGENET_MEAN, IMAGENET_STD, Normalization
+from ssl_core.classifier import top1_accuracy
 from ssl_core.evaluate import extract_features, knn_accuracy, linear_probe
 
 STAGE = "evaluate-cli"
@@ -76,6 +77,16 @@ def scoring_rows(data_path: str | Path, split: str, image_size: int, seed: int =
     return ScoringRows(images[~is_query], labels[~is_query], images[is_query], labels[is_query], "split-half",
                        f"no labeled train/val rows: the {len(labels)} labeled {split} rows cut in two (stratified, "
                        f"seed {seed}): queries = {int(is_query.sum())}, bank = {int((~is_query).sum())}")
+
+
+def labeled_split_top1(data_path: str | Path, split: str, image_size: int, device: torch.device,
+                       *classifiers: nn.Module) -> list[float] | None:
+    """Top-1 of each of ``classifiers`` on the labeled rows of ``split`` (decoded once), or None when the split has
+    no labeled rows (the pipeline scores ``val``, what promotion gates on, beside ``test``, what it reports)."""
+    if read_manifest(data_path)["splits"].get(split, {}).get("labeled", 0) == 0:
+        return None
+    images, labels = load_split_tensors(data_path, split, image_size, labeled_only=True)
+    return [top1_accuracy(classifier, images, labels, device) for classifier in classifiers]
 
 
 def untrained_copy(encoder: nn.Module, seed: int) -> nn.Module:

@@ -186,7 +186,8 @@ def test_pretrain_finetune_distill_end_to_end(quickstart_run) -> None:
     assert teacher_logits.shape == (5, 10) and torch.isfinite(teacher_logits).all()
 
     metrics = student.metrics
-    assert set(metrics) == {"teacher_test_top1", "student_test_top1", "test_top1"}
+    assert set(metrics) == {"teacher_test_top1", "student_test_top1", "test_top1",
+                            "teacher_val_top1", "student_val_top1", "val_top1"}  # val: the promotion gate
     assert metrics["test_top1"] == metrics["student_test_top1"] and 0.0 <= metrics["test_top1"] <= 1.0
     # the distilled teacher is the one of distill.teacher_fraction
     assert metrics["teacher_test_top1"] == pytest.approx(teacher.metrics["test_top1_fraction_0.05"])

@@ -30,12 +30,12 @@ def monitor(path: Path, seed: int = 0) -> KnnMonitor:
                       device=torch.device("cpu"), k=3, temperature=0.1, bank_size=1000, seed=seed)
 
 
-def test_labeled_val_rows_are_trained_on_and_are_the_queries(tmp_path: Path) -> None:
+def test_labeled_val_rows_are_the_queries_and_are_never_trained_on(tmp_path: Path) -> None:
     path = ingested(tmp_path, "val", 0.2, x=random_images(40, 8, 8, 3), y=np.arange(40) % 4,
                     x_test=random_images(8, 8, 8, 3, seed=1), y_test=np.arange(8) % 4)
     manifest = read_manifest(path)
-    assert pretrain_splits(manifest) == ["train", "val"]
-    assert pretrain_rows(manifest) == 40  # all of them: ingest's val rows are not taken from pretraining
+    assert pretrain_splits(manifest) == ["train"]
+    assert pretrain_rows(manifest) == 32  # the 8 val rows are the promotion gate's: no training step sees them
     plan = monitor_plan(manifest)
     assert plan.mode == "val" and plan.description == \
         "kNN monitor: bank = the 32 labeled train rows, queries = the 8 labeled val rows"

@@ -1,8 +1,9 @@
 """Register stage: the distilled student, the fine-tuned teacher it was distilled from (``distill.teacher_fraction``)
 and the pretrained encoder become new versions in the MLflow Model Registry (``<model_name>``,
 ``<model_name>-teacher`` and ``<model_name>-encoder``), tagged with their metrics, the dataset hash and the pipeline
-run id, and described (what data, which method, the metrics, how to load); the student version gets the alias
-``challenger``. Each registration is all or nothing.
+run id (``val_top1``, what promotion gates on, beside ``test_top1``, reported), and described (what data, which
+method, the metrics, how to load); the student version gets the alias ``challenger``. Each registration is all or
+nothing.
 
 What is registered is not the training run's pickled module but a served model logged in this stage's run
 (``pipelines.serving.models``): an MLflow ``python_function`` model that takes PNG/JPEG bytes, preprocesses them
@@ -55,6 +56,14 @@ def serving_specs(cfg: PipelineConfig, num_classes: int, mean: tuple, std: tuple
     }
 
 
+def validation_tags(distill_metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """``{"student": {"val_top1": ...}, "teacher": {"val_top1": ...}}`` from the distill stage's metrics (both scored
+    there on the val split, which no stage trains on); empty when the data has no labeled val rows."""
+    return {"student": {"val_top1": distill_metrics["val_top1"]} if "val_top1" in distill_metrics else {},
+            "teacher": ({"val_top1": distill_metrics["teacher_val_top1"]}
+                        if "teacher_val_top1" in distill_metrics else {})}
+
+
 def descriptions(cfg: PipelineConfig, role: str, tags: dict, name: str) -> tuple[str, str]:
     """(registered model description, version description)."""
     what = {"student": f"the distilled student ({cfg.distill.student_backbone})",
@@ -69,7 +78,7 @@ def descriptions(cfg: PipelineConfig, role: str, tags: dict, name: str) -> tuple
             f"bytes (base64 in JSON), resized to {cfg.data.image_size} px and normalised as evaluation did; "
             f"output: {answers}. ONNX copy: artifact `onnx/{role}.onnx` of the register run.")
     model_description = f"sslflow: {what}, trained by the pipeline `{cfg.name}`. {load}"
-    metrics = ", ".join(f"{key}={tags[key]}" for key in ("test_top1", "label_fraction") if key in tags)
+    metrics = ", ".join(f"{key}={tags[key]}" for key in ("val_top1", "test_top1", "label_fraction") if key in tags)
     version_description = (f"{what}; method {cfg.method.name}; data {cfg.data.path} ({tags['dataset_hash']}); "
                            f"pipeline run {tags['pipeline_run_id']}; {metrics or 'no held-out metric'}. {load}")
     return model_description, version_description
@@ -102,9 +111,10 @@ def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> Reg
     common = {"dataset_hash": ingest.content_hash, "pipeline_run_id": tracking.parent_run_id(cfg.tracking, run_id),
               "stage_run_id": run_id, "method": cfg.method.name}
     name = cfg.registry.model_name
+    validation = validation_tags(student.metrics)
     role_tags = {
-        "teacher": {**common, "label_fraction": fraction, "test_top1": teacher_top1, "role": "teacher",
-                    "source_model_uri": finetune.teacher_uri(fraction)},
+        "teacher": {**common, "label_fraction": fraction, **validation["teacher"], "test_top1": teacher_top1,
+                    "role": "teacher", "source_model_uri": finetune.teacher_uri(fraction)},
         "encoder": {**common, "role": "encoder", "source_model_uri": pretrain.encoder_uri,
                     "pretrain_run_id": pretrain.run_id},
     }
@@ -112,8 +122,9 @@ def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> Reg
     for role in ("teacher", "encoder"):
         versions[role] = tracking.register_version(cfg.tracking, served_uris[role], registered_name(name, role),
                                                    role_tags[role])
-    role_tags["student"] = {**common, "label_fraction": fraction, "test_top1": student.metrics["test_top1"],
-                            "role": "student", "teacher": f"{name}-teacher/{versions['teacher']}",
+    role_tags["student"] = {**common, "label_fraction": fraction, **validation["student"],
+                            "test_top1": student.metrics["test_top1"], "role": "student",
+                            "teacher": f"{name}-teacher/{versions['teacher']}",
                             "encoder": f"{name}-encoder/{versions['encoder']}",
                             "source_model_uri": student.model_uri}
     versions["student"] = tracking.register_version(cfg.tracking, served_uris["student"], name, role_tags["student"],
@@ -123,7 +134,8 @@ def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> Reg
         model_description, version_description = descriptions(cfg, role, role_tags[role], registered)
         tracking.describe_registered_model(cfg.tracking, registered, model_description, versions[role],
                                            version_description)
-    metrics = {"test_top1": student.metrics["test_top1"], "teacher_test_top1": teacher_top1, **onnx_differences}
+    metrics = {"test_top1": student.metrics["test_top1"], "teacher_test_top1": teacher_top1, **onnx_differences,
+               **{key: student.metrics[key] for key in ("val_top1", "teacher_val_top1") if key in student.metrics}}
     tracking.log_metrics(cfg.tracking, run_id, [(0, metrics)])
     tracking.set_tags(cfg.tracking, run_id, {"registered_version": versions["student"],
                                              "registered_teacher_version": versions["teacher"],
