@@ -14,7 +14,6 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from torch import nn
 
 from ssl_core import build_method
 from ssl_core.device import compile_or_eager, model_to_memory_format
-from ssl_core.methods import MethodConfig, SSLMethod
+from ssl_core.methods import MethodConfig, SSLMethod, method_config
 from ssl_core.optim import build_optimizer, scaled_lr, warmup_cosine
 from ssl_core.training import Objective, TrainStep
 
@@ -88,14 +87,25 @@ class Model:
     device: torch.device
 
     def train_step(self, objective: Objective, total_steps: int,
-                   after_step: Callable[[int, int], None] | None = None) -> TrainStep:
+                   after_step: Callable[[int, int], None] | None = None, precision: str = "auto") -> TrainStep:
         """The pipeline's step (``ssl_core.training.TrainStep``) of ``objective`` over ``total_steps``: cosine
-        learning rate without warm-up, then ``after_step(step, total_steps)`` (default: the method's EMA/queue
-        update). No gradient clipping (the pretrain stage's default)."""
+        learning rate without warm-up (held at its end past ``total_steps``), then ``after_step(step,
+        total_steps)`` (default: the method's EMA/queue update), under ``precision``'s autocast. No gradient
+        clipping (the pretrain stage's default)."""
         after_step = after_step or self.method.on_after_optimizer_step
-        lr_at = partial(warmup_cosine, total_steps=total_steps, warmup_steps=0, base_value=self.lr)
+
+        def lr_at(step: int) -> float:
+            return warmup_cosine(min(step, total_steps), total_steps=total_steps, warmup_steps=0, base_value=self.lr)
+
         return TrainStep(self.model, objective, self.optimizer, lr_at, device=self.device,
-                         what=f"method {self.method.name}", after_step=partial(after_step, total_steps=total_steps))
+                         what=f"method {self.method.name}", precision=precision,
+                         after_step=lambda step: after_step(min(step, total_steps - 1), total_steps=total_steps))
+
+    def signature(self, train_step: TrainStep) -> tuple[int, str, str]:
+        """(trainable parameters, optimizer class, resolved precision): what variants that claim to run the same
+        model must share."""
+        parameters = sum(p.numel() for p in self.method.parameters() if p.requires_grad)
+        return parameters, type(self.optimizer).__name__, train_step.precision
 
 
 def build_model(case: Case, device: torch.device, compile_model: bool = False,
@@ -143,6 +153,25 @@ def images_per_second(step: Callable[[int], None], *, batch_size: int, warmup: i
     return steps * batch_size / (time.perf_counter() - started)
 
 
+def timed_images_per_second(step: Callable[[int], None], first_index: int, *, batch_size: int, seconds: float,
+                            device: torch.device, sync_every: int = 1) -> tuple[float, int]:
+    """(images/s, steps) of ``step(first_index), step(first_index + 1), ...`` run until ``seconds`` have passed (a
+    steady-state period: the caller warms up first). On CUDA the device is synchronised every ``sync_every`` steps
+    (the clock is read there) and at the end."""
+    device_synchronize(device)
+    started = time.perf_counter()
+    steps = 0
+    while True:
+        step(first_index + steps)
+        steps += 1
+        if steps % sync_every == 0:
+            device_synchronize(device)
+            if time.perf_counter() - started >= seconds:
+                break
+    device_synchronize(device)
+    return steps * batch_size / (time.perf_counter() - started), steps
+
+
 def start_ray(cpus: int, gpus: int) -> None:
     """A local Ray for the benchmarks, started as the CLI starts it (``pipelines.ray_train.init_ray``: workers at the
     driver's CPU priority, not Ray's default nice 15, which on a busy machine would slow the Ray path (b) against
@@ -186,6 +215,7 @@ class RayPathRun:
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     compile: bool = False
+    precision: str = "auto"
 
 
 def ray_path_images_per_second(run: RayPathRun, work_dir: Path, datasets: Path = DATASETS) -> float:
@@ -199,13 +229,17 @@ def ray_path_images_per_second(run: RayPathRun, work_dir: Path, datasets: Path =
     data_path = ingest_images(rows, work_dir, datasets)
     config = config_from_mapping({
         "data": {"path": str(data_path), "image_size": run.image_size},
+        # Every field spelled out, so that no recipe (ssl_core.recipes) fills one in: the same model as a, b', c.
         "method": {"name": run.method,
-                   "config": {k: v for k, v in method_settings(run.method, run.backbone, run.image_size).items()
+                   "config": {k: v for k, v in dataclasses.asdict(method_config(
+                       run.method, method_settings(run.method, run.backbone, run.image_size))).items()
                               if k != "image_size"}},
         "scaling": {"num_workers": run.workers, "cpus_per_worker": run.cpus_per_worker, "use_gpu": run.use_gpu,
                     "storage_path": str(work_dir / "runs")},
-        "pretrain": {"epochs": 2, "batch_size": run.batch_size, "optimizer": "lars", "lr": 0.3,
-                     "warmup_epochs": 0.5, "compile": run.compile},
+        "pretrain": {"epochs": 2, "batch_size": run.batch_size, "optimizer": "lars", "lr": BASE_LR,
+                     "lr_scaling": "linear", "weight_decay": WEIGHT_DECAY, "warmup_epochs": 0.5, "compile": run.compile,
+                     "precision": run.precision},
+        "finetune": {"head_layers": 0},  # not fine-tuned; DINO, MAE and the pretext methods have no projection head
     }, base=work_dir)
     name = f"bench-{run.method}-{run.backbone}-{run.image_size}px-{run.workers}w-{os.getpid()}-{time.time_ns()}"
     result = fit_pretraining(config, None, name, log_model=False)

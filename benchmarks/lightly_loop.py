@@ -9,15 +9,17 @@ MSE): c runs our MAE step on lightly's MAETransform data path.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from common import Case, Model, build_model, images_per_second, load_images, method_settings
+from common import Case, Model, build_model, load_images, method_settings
 from ssl_core.device import views_to_memory_format
 from ssl_core.methods import StepOutput
+from ssl_core.training import TrainStep
 from ssl_core.views import is_small_image, local_crop_size
 
 
@@ -129,7 +131,20 @@ class PILImages(torch.utils.data.Dataset):
         return self.transform(self.images[index])
 
 
-def run_lightly(case: Case, device: torch.device, warmup: int, steps: int, compile_model: bool) -> float:
+@dataclasses.dataclass
+class LightlyVariant:
+    """c, prepared: ``step(i)`` takes the next batch of lightly's views from the DataLoader (cycling through
+    ``pool_batches`` batches of real images) and runs the pipeline's TrainStep of lightly's loss. ``close()`` stops
+    the DataLoader workers."""
+
+    step: Callable[[int], None]
+    model: Model
+    train_step: TrainStep
+    close: Callable[[], None]
+
+
+def lightly_variant(case: Case, device: torch.device, compile_model: bool, total_steps: int, precision: str = "auto",
+                    pool_batches: int = 8) -> LightlyVariant:
     """c: lightly transforms in DataLoader workers (one per core), lightly's loss on the same model and optimizer."""
     m = build_model(case, device, compile_model)
     loss_fn, after_step = lightly_loss_fn(m)
@@ -138,20 +153,29 @@ def run_lightly(case: Case, device: torch.device, warmup: int, steps: int, compi
         """The batch already holds lightly's views, in order; ``model`` is bypassed for lightly's loss."""
         return StepOutput(loss_fn(list(batch.values())), {})
 
-    total = warmup + steps
-    train_step = m.train_step(objective, total, after_step)
-    dataset = PILImages(load_images(total * case.batch_size, case.image_size),
+    train_step = m.train_step(objective, total_steps, after_step, precision)
+    dataset = PILImages(load_images(pool_batches * case.batch_size, case.image_size),
                         lightly_transform(case.method, case.image_size))
+    workers = os.cpu_count() or 1
     loader = torch.utils.data.DataLoader(dataset, batch_size=case.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=os.cpu_count() or 1, pin_memory=device.type == "cuda")
-    batches = iter(loader)
+                                         num_workers=workers, persistent_workers=True,
+                                         pin_memory=device.type == "cuda")
+    batches = [iter(loader)]
     generator = torch.Generator().manual_seed(0)  # unused: lightly's transforms draw in the DataLoader workers
 
+    def next_views() -> list[Tensor]:
+        try:
+            return next(batches[0])
+        except StopIteration:
+            batches[0] = iter(loader)
+            return next(batches[0])
+
     def step(i: int) -> None:
-        views = {str(k): v.to(device, non_blocking=True) for k, v in enumerate(next(batches))}
+        views = {str(k): v.to(device, non_blocking=True) for k, v in enumerate(next_views())}
         train_step(views_to_memory_format(views, device), i, generator)
 
-    try:
-        return images_per_second(step, batch_size=case.batch_size, warmup=warmup, steps=steps, device=device)
-    finally:
-        del batches
+    def close() -> None:
+        batches.clear()
+        loader._iterator = None  # shuts the persistent workers down with the iterator
+
+    return LightlyVariant(step, m, train_step, close)

@@ -1,11 +1,19 @@
 """Images/s of a pretraining step, our paths against pre-made views and lightly, side by side in one process.
 
-    python benchmarks/throughput.py                          # SimCLR ResNet-18 32x32 batch 256 (CPU: a few minutes)
-    python benchmarks/throughput.py --methods simclr moco byol dino mae --sizes 32 96 --batch-size 256 --steps 10
+    python benchmarks/throughput.py                          # SimCLR ResNet-18 32x32 batch 256 (CPU: ~15 min)
+    python benchmarks/throughput.py --methods simclr moco byol dino mae --sizes 32 96 --seconds 30 --rounds 3
     python benchmarks/throughput.py --no-ray                 # without Ray (e.g. a GPU machine without Ray's wheel)
     python benchmarks/throughput.py --no-ray --profile       # + torch.profiler of variant b': where a step goes
+    python benchmarks/throughput.py --precision bf16         # every variant under bf16 autocast
 
-Variants (the same model, loss sizes and optimizer, LARS, in all four; bf16 autocast and channels_last on CUDA):
+Timing: every variant is built and warmed up once, then timed for a steady-state period (``--seconds``, default 60
+on CPU, 10 on CUDA) in interleaved rounds (a, b', c, b, a, b', c, b, ...; ``--rounds``, default 3), so that a change
+of load on a shared machine hits all of them; the table gives each variant's median, min-max and half range, and the
+ratios are of medians. a, b' and c are checked to run the same model (trainable parameter count), optimizer class and
+precision (an assertion); b is built from the same method config, LARS settings and precision.
+
+Variants (the same model, loss sizes and optimizer, LARS, in all four; channels_last; autocast per ``--precision``,
+``auto``: bf16 on CUDA, fp32 on CPU):
 
   a   the pipeline's training step (ssl_core.training.TrainStep) over pre-made, already augmented views in device
       memory: the model's practical limit.
@@ -22,16 +30,19 @@ Variants (the same model, loss sizes and optimizer, LARS, in all four; bf16 auto
 
 Augmentation recipes match across b/b' and c (at < 64 px, no blur, as the papers' CIFAR recipes). DINO uses 2 global
 and 4 local crops (2x32 + 4x16 at 32 px); MAE runs on vit_tiny. Images: real Tiny-ImageNet 32x32
-(../shared/datasets), resized for larger sizes. Prints a table and, last, one machine-readable line per case, e.g.
+(../shared/datasets), resized for larger sizes. Prints the medians and, last, one machine-readable line per case, e.g.
 ``simclr resnet18 32px batch256 cpu: b/a=0.93 b/c=1.41 b'/a=0.95 b'/c=1.44 b/b'=0.98``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
+import math
 import os
 import platform
+import statistics
 import sys
 import warnings
 from collections.abc import Callable
@@ -49,16 +60,16 @@ from common import (  # noqa: E402
     backbone_for,
     build_model,
     default_cpus_per_worker,
-    images_per_second,
     load_images,
     ray_path_images_per_second,
     start_ray,
+    timed_images_per_second,
 )
-from lightly_loop import run_lightly  # noqa: E402
+from lightly_loop import lightly_variant  # noqa: E402
 
 from ssl_core.device import views_to_memory_format  # noqa: E402
 from ssl_core.methods import StepOutput  # noqa: E402
-from ssl_core.training import ssl_objective  # noqa: E402
+from ssl_core.training import PRECISIONS, ssl_objective  # noqa: E402
 
 VARIANTS = ("a", "b'", "b", "c")
 POOL_BATCHES = 2  # distinct batches cycled through by a and b'
@@ -78,16 +89,25 @@ def premade_views_objective(model: nn.Module, batch: dict[str, Tensor], generato
     return model(batch)
 
 
-def run_bare(case: Case, device: torch.device, warmup: int, steps: int, compile_model: bool) -> float:
+@dataclasses.dataclass
+class Prepared:
+    """A variant ready to time: ``step(i)`` runs step ``i``; ``signature``: (trainable parameters, optimizer class,
+    precision), which a, b' and c must share; ``close()`` frees what it holds."""
+
+    step: Callable[[int], None]
+    signature: tuple[int, str, str]
+    close: Callable[[], None] = lambda: None
+
+
+def prepare_bare(case: Case, device: torch.device, total: int, compile_model: bool, precision: str) -> Prepared:
     """a: pre-made views in device memory (augmented once, outside the timing), the pipeline's TrainStep."""
     m = build_model(case, device, compile_model)
     generator = torch.Generator().manual_seed(0)
     views = m.method.view_generator()
     pool = [views_to_memory_format(views(batch.to(device), generator), device)
             for batch in host_batches(case, device, POOL_BATCHES)]
-    train_step = m.train_step(premade_views_objective, warmup + steps)
-    return images_per_second(lambda i: train_step(pool[i % len(pool)], i, generator),
-                             batch_size=case.batch_size, warmup=warmup, steps=steps, device=device)
+    train_step = m.train_step(premade_views_objective, total, precision=precision)
+    return Prepared(lambda i: train_step(pool[i % len(pool)], i, generator), m.signature(train_step))
 
 
 def unlabelled(name: str, fn: Callable) -> Callable:
@@ -95,7 +115,7 @@ def unlabelled(name: str, fn: Callable) -> Callable:
 
 
 def ours_step_fn(case: Case, device: torch.device, total: int, compile_model: bool,
-                 label: Callable[[str, Callable], Callable] = unlabelled) -> Callable[[int], None]:
+                 label: Callable[[str, Callable], Callable] = unlabelled, precision: str = "auto") -> Prepared:
     """b': host uint8 batch -> non-blocking copy -> the pipeline's TrainStep of ``ssl_objective`` (on-device views,
     the method's training_step, backward, LARS, EMA/queue update). ``label(phase, fn)`` wraps the copy, the views,
     the model's forward and the whole step (the profiler's phases)."""
@@ -104,38 +124,39 @@ def ours_step_fn(case: Case, device: torch.device, total: int, compile_model: bo
     batches = host_batches(case, device, POOL_BATCHES)
     objective = ssl_objective(label("augment", m.method.view_generator()), device)
     m.model = label("forward", m.model)
-    train_step = label("step", m.train_step(objective, total))
+    train_step = m.train_step(objective, total, precision=precision)
+    signature = m.signature(train_step)
+    train_step = label("step", train_step)
     copy = label("copy", lambda i: batches[i % len(batches)].to(device, non_blocking=True))
 
     def step(i: int) -> None:
         train_step({"image": copy(i)}, i, generator)
 
-    return step
+    return Prepared(step, signature)
 
 
-def run_ours(case: Case, device: torch.device, warmup: int, steps: int, compile_model: bool) -> float:
-    """b'. On CUDA the timed steps run under ``torch.cuda.set_sync_debug_mode("warn")``, and the host-device
+def prepare_ours(case: Case, device: torch.device, total: int, compile_model: bool, precision: str) -> Prepared:
+    """b'. On CUDA one step runs under ``torch.cuda.set_sync_debug_mode("warn")`` and the host-device
     synchronisations it reports (there should be none) are printed."""
-    step = ours_step_fn(case, device, warmup + steps, compile_model)
-    if device.type != "cuda":
-        return images_per_second(step, batch_size=case.batch_size, warmup=warmup, steps=steps, device=device)
+    prepared = ours_step_fn(case, device, total, compile_model, precision=precision)
+    if device.type == "cuda":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                prepared.step(0)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+        print(f"  {case.label(device)}  b' host-device synchronisations in one step: {len(syncs)}"
+              + (f" (first: {syncs[0].splitlines()[0]})" if syncs else ""), flush=True)
+    return prepared
 
-    def checked_step(i: int) -> None:
-        if i < warmup:
-            return step(i)
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            step(i)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        rate = images_per_second(checked_step, batch_size=case.batch_size, warmup=warmup, steps=steps, device=device)
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    print(f"  {case.label(device)}  b' host-device synchronisations in {steps} timed steps: {len(syncs)}"
-          + (f" (first: {syncs[0].splitlines()[0]})" if syncs else ""), flush=True)
-    return rate
+def prepare_lightly(case: Case, device: torch.device, total: int, compile_model: bool, precision: str) -> Prepared:
+    """c (lightly_loop.py)."""
+    variant = lightly_variant(case, device, compile_model, total, precision)
+    return Prepared(variant.step, variant.model.signature(variant.train_step), variant.close)
 
 
 # ------------------------------------------------------------------------------------------------------- profile
@@ -152,7 +173,7 @@ def profile_ours(case: Case, device: torch.device, steps: int, compile_model: bo
 
         return labelled
 
-    step = ours_step_fn(case, device, steps + 1, compile_model, label)
+    step = ours_step_fn(case, device, steps + 1, compile_model, label).step
     step(0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -200,6 +221,13 @@ def ratio(values: dict[str, float], top: str, bottom: str) -> str | None:
 RATIOS = (("b", "a"), ("b", "c"), ("b'", "a"), ("b'", "c"), ("b", "b'"))
 
 
+def spread(values: list[float]) -> str:
+    """``median [min-max] (+-half range as % of the median)``."""
+    median = statistics.median(values)
+    half = (max(values) - min(values)) / 2
+    return f"{median:.1f} [{min(values):.1f}-{max(values):.1f}] (+-{100 * half / median:.0f}%)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["simclr"],
@@ -207,21 +235,25 @@ def main() -> None:
     parser.add_argument("--backbone", default="resnet18", help="CNN backbone (MAE always uses vit_tiny)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32], help="image sizes, e.g. 32 96")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=None,
-                        help="timed steps per variant (default: 2 on CPU, 20 on CUDA); b times one epoch of them")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 on CPU, 5 on CUDA)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="steady-state seconds per variant per round (default: 60 on CPU, 10 on CUDA)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (a, b', c, b, a, b', ...)")
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps per variant, once (default: 2 CPU, 10 CUDA)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast of every variant's step")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="any of a b' b c (b' may be written bp)")
     parser.add_argument("--no-ray", action="store_true", help="skip b (Ray Train): a, b' and c only")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (eager fallback) in all variants")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--profile", action="store_true", help="also run torch.profiler over b' and print where a step goes")
+    parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench_runs" / "throughput")
     args = parser.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
-    steps = args.steps or (20 if cuda else 2)
-    warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
+    seconds = args.seconds or (10.0 if cuda else 60.0)
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     variants = parse_variants(args.variants)
     if args.no_ray:
         variants = [v for v in variants if v != "b"]
@@ -248,50 +280,76 @@ def main() -> None:
     print(f"device {device.type}: {device_name(device)}", flush=True)
     print(f"torch {torch.__version__}, ray {ray_version}, lightly {lightly_version}, python {platform.python_version()}, "
           f"load average {load}", flush=True)
-    print(f"variants {' '.join(variants)}; {warmup} warm-up + {steps} timed steps each; compile={args.compile}",
-          flush=True)
+    print(f"variants {' '.join(variants)}, interleaved over {args.rounds} rounds of {seconds:g} s each (after "
+          f"{warmup} warm-up steps per variant); precision {args.precision}; compile={args.compile}", flush=True)
 
-    runners = {"a": run_bare, "b'": run_ours, "c": run_lightly}
-    results: list[tuple[Case, dict[str, float]]] = []
+    preparers = {"a": prepare_bare, "b'": prepare_ours, "c": prepare_lightly}
+    schedule_steps = 1_000_000  # the learning rate stays near its peak: speed, not learning, is measured
+    results: list[tuple[Case, dict[str, list[float]]]] = []
     ray_started = False
     for case in cases:
-        values: dict[str, float] = {}
-        for variant in variants:
-            if variant == "b":
-                if not ray_started:
-                    start_ray(os.cpu_count() or 2, 1 if cuda else 0)
-                    ray_started = True
-                run = RayPathRun(case.method, case.backbone, case.image_size, case.batch_size, steps_per_epoch=steps,
-                                 cpus_per_worker=(1.0 if cuda else default_cpus_per_worker(os.cpu_count() or 2, 1)),
-                                 use_gpu=cuda, compile=args.compile)
-                values[variant] = ray_path_images_per_second(run, args.work_dir)
-            else:
-                values[variant] = runners[variant](case, device, warmup, steps, args.compile)
-            gc.collect()
-            if cuda:
-                torch.cuda.empty_cache()
-            print(f"  {case.label(device)}  {variant:<3}{values[variant]:>10.1f} images/s", flush=True)
+        prepared = {v: preparers[v](case, device, schedule_steps, args.compile, args.precision)
+                    for v in variants if v != "b"}
+        signatures = {v: p.signature for v, p in prepared.items()}
+        # a, b' and c must run the same model, heads, optimizer and precision, or their ratio means nothing.
+        assert len(set(signatures.values())) <= 1, \
+            f"variants differ in (parameters, optimizer, precision): {signatures}"
+        if signatures:
+            parameters, optimizer, precision = next(iter(signatures.values()))
+            print(f"  {case.label(device)}: {parameters:,} trainable parameters, {optimizer}, {precision} in "
+                  f"{', '.join(signatures)}; b builds the same method config, LARS and precision in Ray Train",
+                  flush=True)
+        for variant, p in prepared.items():
+            for index in range(warmup):
+                p.step(index)
+        next_index = {v: warmup for v in prepared}
+        values: dict[str, list[float]] = {v: [] for v in variants}
+        for round_index in range(args.rounds):
+            for variant in variants:
+                if variant == "b":
+                    if not ray_started:
+                        start_ray(os.cpu_count() or 2, 1 if cuda else 0)
+                        ray_started = True
+                    pace = statistics.median(values["b'"] or values["a"] or [100.0])
+                    run = RayPathRun(case.method, case.backbone, case.image_size, case.batch_size,
+                                     steps_per_epoch=max(2, math.ceil(seconds * pace / case.batch_size)),
+                                     cpus_per_worker=(1.0 if cuda else default_cpus_per_worker(os.cpu_count() or 2, 1)),
+                                     use_gpu=cuda, compile=args.compile, precision=args.precision)
+                    rate = ray_path_images_per_second(run, args.work_dir)
+                    steps = run.steps_per_epoch
+                else:
+                    rate, steps = timed_images_per_second(prepared[variant].step, next_index[variant],
+                                                          batch_size=case.batch_size, seconds=seconds, device=device,
+                                                          sync_every=10 if cuda else 1)
+                    next_index[variant] += steps
+                values[variant].append(rate)
+                print(f"  round {round_index + 1}/{args.rounds}  {case.label(device)}  {variant:<3}{rate:>10.1f} "
+                      f"images/s ({steps} steps)", flush=True)
+        for p in prepared.values():
+            p.close()
+        del prepared
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
         results.append((case, values))
         if args.profile:
-            profile_ours(case, device, steps, args.compile)
+            profile_ours(case, device, args.profile_steps, args.compile)
     if ray_started:
         import ray
 
         ray.shutdown()
 
-    header = f"\n{'method':<8}{'backbone':<10}{'size':>5}{'batch':>6}"
-    header += "".join(f"{v + ' img/s':>11}" for v in variants)
-    header += "".join(f"{t + '/' + b:>7}" for t, b in RATIOS if t in variants and b in variants)
-    print(header)
+    print(f"\nimages/s per variant: median [min-max] (+-half range) over {args.rounds} interleaved rounds of "
+          f"{seconds:g} s")
     for case, values in results:
-        row = f"{case.method:<8}{case.backbone:<10}{case.image_size:>5}{case.batch_size:>6}"
-        row += "".join(f"{values[v]:>11.1f}" for v in variants)
-        row += "".join(f"{ratio(values, t, b):>7}" for t, b in RATIOS if t in variants and b in variants)
-        print(row)
+        print(f"{case.label(device)}")
+        for variant in variants:
+            print(f"  {variant:<3}{spread(values[variant])}")
     print()
     for case, values in results:
-        parts = [f"{t}/{b}={ratio(values, t, b)}" for t, b in RATIOS if t in variants and b in variants]
-        parts = parts or [f"{v}={values[v]:.1f}img/s" for v in variants]  # a single variant: no ratio
+        medians = {v: statistics.median(values[v]) for v in variants}
+        parts = [f"{t}/{b}={ratio(medians, t, b)}" for t, b in RATIOS if t in variants and b in variants]
+        parts = parts or [f"{v}={medians[v]:.1f}img/s" for v in variants]  # a single variant: no ratio
         print(f"{case.label(device)}: {' '.join(parts)}", flush=True)
 
 

@@ -13,12 +13,13 @@ so a run resumed from a checkpoint continues exactly as an uninterrupted one wou
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from ssl_core.device import autocast, views_to_memory_format
+from ssl_core.device import views_to_memory_format
 from ssl_core.methods import StepOutput
 from ssl_core.methods.base import ROW_INDEX
 from ssl_core.views import ViewGenerator
@@ -61,6 +62,27 @@ def batch_plan(rows: int, batch_size: int, world_size: int, what: str, *, shrink
         if per_worker < 2:
             raise ValueError(f"{what}: {rows} rows cannot give each of {world_size} workers a batch of at least 2")
     return BatchPlan(per_worker, rows // (per_worker * world_size), per_worker != batch_size)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on CUDA, ``fp32`` elsewhere; ``fp32`` and ``bf16`` as given (bf16 on a CPU without
+    native bf16 instructions (avx512_bf16 / AMX) still runs, emulated, and is then slower than fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def precision_autocast(device: torch.device, precision: str = "auto") -> AbstractContextManager:
+    """``torch.autocast(device.type, dtype=torch.bfloat16)`` when ``resolve_precision`` says bf16, else nothing:
+    matmuls and convolutions run in bf16, reductions and losses autocast keeps in float32 stay there."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 class NonFiniteLossError(RuntimeError):
@@ -111,7 +133,7 @@ def ssl_objective(views: ViewGenerator, device: torch.device) -> Objective:
 class TrainStep:
     """One optimisation step of ``objective`` on ``model``::
 
-        lr = lr_at(step); loss = objective(model, batch, generator) under autocast(device)
+        lr = lr_at(step); loss = objective(model, batch, generator) under precision_autocast(device, precision)
         zero_grad; loss.backward(); clip the gradient norm to grad_clip; optimizer.step(); after_step(step)
 
     then ``guard.update`` (the non-finite loss guard; ``guard.check()`` is the only host sync). Returns the
@@ -129,8 +151,10 @@ class TrainStep:
         what: str,
         grad_clip: float | None = None,
         after_step: Callable[[int], None] | None = None,
+        precision: str = "auto",
     ) -> None:
         self.model, self.objective, self.optimizer, self.lr_at = model, objective, optimizer, lr_at
+        self.precision = resolve_precision(precision, device)
         self.device, self.grad_clip, self.after_step = device, grad_clip, after_step
         self.guard = NonFiniteGuard(device, what)
 
@@ -138,7 +162,7 @@ class TrainStep:
         lr = self.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with autocast(self.device):
+        with precision_autocast(self.device, self.precision):
             out = self.objective(self.model, batch, generator)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
