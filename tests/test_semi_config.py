@@ -51,3 +51,14 @@ def test_finetune_record_names_a_teacher_per_fraction() -> None:
     assert FinetuneRecord.from_dict(json.loads(record.to_json())) == record
     with pytest.raises(KeyError, match="no teacher fine-tuned on fraction 0.5; fine-tuned: 0.01, 0.1"):
         record.teacher_uri(0.5)
+
+
+def test_summary_shows_every_fractions_teacher_and_marks_the_distilled_one(tmp_path: Path) -> None:
+    from pipelines.summary import _teacher_rows
+
+    cfg = config_from_mapping({"finetune": {"label_fractions": [0.01, 0.1, 1.0]},
+                               "distill": {"teacher_fraction": 0.01}}, tmp_path)
+    rows = _teacher_rows(cfg, {"test_top1_fraction_0.01": 0.5, "test_top1_fraction_0.1": 0.75,
+                               "test_top1_fraction_1": 0.9, "test_top1": 0.75})
+    assert rows == [("fine-tuned teacher (1% labels, distilled)", "0.5000"),
+                    ("fine-tuned teacher (10% labels)", "0.7500"), ("fine-tuned teacher (100% labels)", "0.9000")]

@@ -1,17 +1,25 @@
 """``ssl_core.semi.SemiObjective``: every algorithm trains a tiny model for a step (finite loss, a gradient for
 every parameter, one forward of the wrapped model per step as DDP needs), the temporal ensemble and the mean
-teacher against loops, the pool subset, and the config's bounds."""
+teacher against loops, ReMixMatch's rotation loss against a naive reference, a resumed objective against an
+uninterrupted one, the pool subset, and the config's bounds."""
 
 from __future__ import annotations
+
+import io
+import math
 
 import pytest
 import torch
 from torch import nn
 
 from ssl_core.augment import Normalization
+from ssl_core.classifier import Classifier
 from ssl_core.hparams import FieldValueError
+from ssl_core.optim import build_optimizer, param_groups
 from ssl_core.semi import ALGORITHMS, SemiConfig, SemiObjective, UnlabeledPool, pool_subset, semi_views
 from ssl_core.semi.objective import TemporalEnsemble
+from ssl_core.semi.rotation import RotationHeaded, random_rotations, rotation_loss, trained_classifier, training_model
+from ssl_core.training import TrainStep
 
 CLASSES, SIZE = 4, 8
 
@@ -32,6 +40,20 @@ def _model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                          nn.Flatten(), nn.Linear(16, CLASSES))
+
+
+class TinyEncoder(nn.Sequential):
+    feature_dim = 16
+
+
+def _classifier() -> Classifier:
+    """A tiny ``Classifier`` whose linear layer is random (a zero one would pass no gradient to the encoder)."""
+    torch.manual_seed(0)
+    classifier = Classifier(TinyEncoder(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                        nn.AdaptiveAvgPool2d(2), nn.Flatten()), nn.Sequential(), CLASSES,
+                            mean=(0.0,) * 3, std=(1.0,) * 3)
+    nn.init.normal_(classifier.linear.weight, std=0.5)
+    return classifier
 
 
 def _pool(rows: int = 40) -> UnlabeledPool:
@@ -59,7 +81,7 @@ def _batch() -> dict[str, torch.Tensor]:
 def test_every_algorithm_trains_every_parameter_with_one_wrapped_forward(algorithm: str) -> None:
     cfg = SemiConfig(algorithm=algorithm, unlabeled_ratio=2, threshold=0.0, augmentations=2)
     objective = _objective(cfg, _pool())
-    model = CountingWrapper(_model())
+    model = CountingWrapper(training_model(_classifier(), cfg) if algorithm == "remixmatch" else _model())
     out = objective(model, _batch(), torch.Generator().manual_seed(0))
     assert model.calls == 1
     assert torch.isfinite(out.loss)
@@ -136,3 +158,100 @@ def test_semi_config_bounds_and_names() -> None:
         SemiConfig(threshold=1.5)
     with pytest.raises(FieldValueError, match="strong_ops=0 must be > 0"):
         SemiConfig(algorithm="remixmatch", strong_ops=0, cutout=0.0)
+
+
+def _naive_quarter_turn(image: torch.Tensor) -> torch.Tensor:
+    """90 degrees counter-clockwise by index: out[c][i][j] = in[c][j][n - 1 - i]."""
+    size = image.shape[-1]
+    out = torch.empty_like(image)
+    for c in range(image.shape[0]):
+        for i in range(size):
+            for j in range(size):
+                out[c, i, j] = image[c, j, size - 1 - i]
+    return out
+
+
+def test_rotation_loss_and_rotated_views_match_a_naive_reference() -> None:
+    images = torch.randn(6, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    rotated, turns = random_rotations(images, torch.Generator().manual_seed(1))
+    assert set(turns.tolist()) > {0} and turns.dtype == torch.int64
+    for image, out, k in zip(images, rotated, turns.tolist()):
+        expected = image
+        for _ in range(k):
+            expected = _naive_quarter_turn(expected)
+        assert torch.equal(out, expected)
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(2))
+    naive = 0.0
+    for row, k in zip(logits.tolist(), turns.tolist()):
+        naive += -(row[k] - math.log(sum(math.exp(v) for v in row))) / len(turns)
+    assert rotation_loss(logits, turns).item() == pytest.approx(naive, rel=1e-5)
+    with pytest.raises(ValueError, match="rotation logits need 4 columns"):
+        rotation_loss(torch.zeros(6, 5), turns)
+
+
+def test_remixmatch_adds_rotation_weight_times_the_rotation_loss_of_its_own_head() -> None:
+    classifier = _classifier()
+    model = training_model(classifier, SemiConfig(algorithm="remixmatch"))
+    assert isinstance(model, RotationHeaded) and trained_classifier(model) is classifier
+    assert training_model(classifier, SemiConfig(algorithm="remixmatch", rotation_weight=0.0)) is classifier
+    images = torch.randn(3, 3, SIZE, SIZE)
+    assert torch.equal(model(images)[:, :CLASSES], classifier(images))
+    outputs = {}
+    for weight in (0.5, 2.0):
+        cfg = SemiConfig(algorithm="remixmatch", unlabeled_ratio=2, augmentations=2, rotation_weight=weight)
+        outputs[weight] = _objective(cfg, _pool())(model, _batch(), torch.Generator().manual_seed(0))
+    rotation = outputs[0.5].logs["rotation_loss"]
+    assert torch.equal(rotation, outputs[2.0].logs["rotation_loss"]) and rotation > 0
+    difference = outputs[2.0].logs["unsupervised_loss"] - outputs[0.5].logs["unsupervised_loss"]
+    assert difference.item() == pytest.approx(1.5 * rotation.item(), rel=1e-4)
+    outputs[2.0].loss.backward()
+    assert model.rotation.weight.grad.abs().sum() > 0
+    cfg = SemiConfig(algorithm="remixmatch", unlabeled_ratio=2, augmentations=2)
+    with pytest.raises(ValueError, match="needs a model with 8 outputs"):
+        _objective(cfg, _pool())(classifier, _batch(), torch.Generator().manual_seed(0))
+
+
+def _train(algorithm: str, epochs: range, state: dict | None, restore_objective: bool = True
+           ) -> tuple[list[float], dict, nn.Module]:
+    """One step per epoch of ``epochs`` from ``state`` (model, optimizer, objective) as the training loop runs
+    them (a generator seeded per epoch, ``before_epoch`` / ``after_step`` hooks); the per-step losses, the state
+    after the last epoch (through ``torch.save`` / ``torch.load(weights_only=True)``) and the model."""
+    cfg = SemiConfig(algorithm=algorithm, unlabeled_ratio=2, augmentations=2, ema_momentum=0.5,
+                     ensemble_momentum=0.5, alignment_momentum=0.5, rotation_weight=0.5)
+    model = training_model(_classifier(), cfg)
+    objective = SemiObjective(cfg, _pool(), CLASSES, semi_views(SIZE, Normalization(), cfg, torch.device("cpu")),
+                              device=torch.device("cpu"), total_steps=3, steps_per_epoch=1)
+    optimizer = build_optimizer(param_groups(model, 0.0), "sgd", 0.1, 0.0)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if restore_objective:
+            objective.load_state_dict(state["semi"])
+    step = TrainStep(model, objective, optimizer, lambda s: 0.1, device=torch.device("cpu"), what=algorithm,
+                     after_step=lambda s: objective.after_step(s, 3))
+    losses = []
+    for epoch in epochs:
+        objective.before_epoch(epoch)
+        generator = torch.Generator().manual_seed(epoch)
+        batch = {"image": torch.randint(0, 256, (4, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator),
+                 "label": torch.tensor([0, 1, 2, 3])}
+        losses.append(step(batch, epoch, generator)[0].loss.item())
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "semi": objective.state_dict()},
+               buffer)
+    buffer.seek(0)
+    return losses, torch.load(buffer, weights_only=True), model
+
+
+@pytest.mark.parametrize("algorithm", ["temporal_ensembling", "mean_teacher", "remixmatch"])
+def test_a_resumed_objective_continues_exactly_as_an_uninterrupted_one(algorithm: str) -> None:
+    uninterrupted, _, model = _train(algorithm, range(3), None)
+    first, checkpoint, _ = _train(algorithm, range(2), None)
+    resumed, _, resumed_model = _train(algorithm, range(2, 3), checkpoint)
+    assert first + resumed == pytest.approx(uninterrupted, rel=1e-6, abs=1e-7)
+    for (name, value), resumed_value in zip(model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.allclose(value.float(), resumed_value.float(), atol=1e-6), name
+    restarted, _, _ = _train(algorithm, range(2, 3), checkpoint, restore_objective=False)
+    assert restarted != pytest.approx(resumed, rel=1e-6, abs=1e-7)  # the state matters: without it, it differs
+    with pytest.raises(ValueError, match="checkpointed semi state is of algorithm"):
+        _objective(SemiConfig(algorithm="fixmatch"), _pool()).load_state_dict(checkpoint["semi"])

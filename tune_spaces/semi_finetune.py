@@ -2,10 +2,10 @@
 of ``ssl_core.semi.SemiConfig`` that the algorithm reads, validated against their declared ranges at import.
 
 ``overlay(values)`` nests a sampled point as the pipeline overlay ``{"finetune": {"semi": {...}}}`` that
-``PipelineConfig.with_overlay`` applies (re-validated). The metric is the fine-tuned teacher's ``test_top1``.
-The pipeline's ``tune`` stage searches pretraining only (its trials are short pretraining runs scored by kNN);
-these spaces are for a search whose trials are fine-tuning runs (e.g. Ray Tune over the fine-tune stage's
-``train_func``), which the tune stage does not run.
+``PipelineConfig.with_overlay`` applies (re-validated). With ``tune.finetune: true`` the pipeline's fine-tune
+search (stage ``tune_finetune``, ``pipelines.config.finetune_search_space``) samples the space of
+``finetune.semi.algorithm``; its trials fine-tune the pretrain checkpoint (``pipelines.finetuning``) and report
+the metric, ``val_top1``: top-1 on the labeled val split, never on test.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ray import tune
 from ssl_core.semi import ALGORITHMS, SemiConfig
 from tune_spaces import validate_fields
 
-METRIC = "test_top1"
+METRIC = "val_top1"
 MODE = "max"
 
 _WEIGHT = {"weight": tune.loguniform(0.1, 100.0), "rampup_fraction": tune.uniform(0.0, 0.5)}
@@ -36,7 +36,7 @@ SPACES: dict[str, dict[str, Any]] = {
     "mixmatch": {**_WEIGHT, "temperature": tune.uniform(0.3, 1.0), "mixup_alpha": tune.uniform(0.1, 1.0),
                  "augmentations": tune.randint(1, 4)},
     "remixmatch": {**_WEIGHT, **_STRONG, "temperature": tune.uniform(0.3, 1.0), "mixup_alpha": tune.uniform(0.1, 1.0),
-                   "augmentations": tune.randint(1, 5)},
+                   "augmentations": tune.randint(1, 5), "rotation_weight": tune.uniform(0.0, 1.0)},
     "fixmatch": {**_WEIGHT, **_STRONG, "threshold": tune.uniform(0.7, 0.99), "unlabeled_ratio": tune.randint(1, 8)},
     "label_propagation": {**_WEIGHT, "propagation_k": tune.randint(5, 60),
                           "propagation_alpha": tune.uniform(0.8, 0.99)},

@@ -56,6 +56,9 @@ class SemiConfig(Validated):
     """Side of the cutout square closing the strong view, as a fraction of the image side [FixMatch 0.5]."""
     alignment_momentum: float = bounded(0.999, 0.0, 1.0)
     """EMA of the model's mean prediction on unlabeled rows for distribution alignment (remixmatch)."""
+    rotation_weight: float = bounded(0.5, 0.0, 100.0)
+    """lambda_r of the self-supervised rotation loss on a rotated strong view (remixmatch; 0 = no rotation head)
+    [ReMixMatch 0.5]."""
     propagation_k: int = bounded(20, 1, 1000)
     """Neighbours per row of the kNN graph (label_propagation) [Iscen et al. 50]."""
     propagation_alpha: float = bounded(0.99, 0.0, 0.9999)

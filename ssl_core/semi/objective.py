@@ -18,14 +18,20 @@ per ``SemiConfig.algorithm`` (the unlabeled terms are in ``ssl_core.semi.losses`
   unlabeled rows with a shuffled copy of both; soft CE on labeled, squared L2 / classes on unlabeled.
 - ``remixmatch``: the weak view's prediction, distribution-aligned (running mean of predictions vs the labeled
   class marginal) and sharpened, anchors K strong views; MixUp as MixMatch with soft CE on both, plus
-  ``0.5 x`` the soft CE of the first strong view un-mixed. The rotation loss of the paper is not included.
+  ``0.5 x`` the soft CE of the first strong view un-mixed, plus ``rotation_weight x`` the rotation loss of that
+  view rotated by random quarter turns (``ssl_core.semi.rotation``: the model must be ``training_model(...)``,
+  whose extra 4 output columns are the rotation head). Both extra terms sit inside the unlabeled term, so
+  ``weight`` and its ramp-up scale them too (the paper's lambda_u1 = lambda_r = 0.5 are absolute).
 - ``label_propagation``: the pool's labels propagated once over a kNN graph of the initial encoder's features
   (``propagation.propagated_labels``), then certainty-weighted CE on the weak view.
 
 Auxiliary forwards that need no parameter gradient (label guesses, VAT's power iteration, the EMA teacher) run on
 the unwrapped module, so a DDP-wrapped model sees exactly one forward and one backward per step. The state of
-``temporal_ensembling``, ``mean_teacher`` and ``remixmatch`` lives in this object and is not checkpointed: a
-resumed run restarts it (the ensemble empty, the teacher from the student, the marginal uniform).
+``temporal_ensembling`` (the ensemble), ``mean_teacher`` (the EMA teacher) and ``remixmatch`` (the running
+marginal) lives in this object, per worker (each worker holds its own part of the pool): ``state_dict()`` /
+``load_state_dict()`` carry it with the step count, and restoring it continues exactly as the uninterrupted run.
+The pipeline's training loop checkpoints every rank's state with the model (``pipelines.train_loop``'s
+``stateful``) and a resumed fine-tune gives each rank its own back.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from ssl_core.ema import ema_update, frozen_copy
 from ssl_core.methods import StepOutput
 from ssl_core.semi import losses
 from ssl_core.semi.config import SemiConfig
+from ssl_core.semi.rotation import ROTATIONS, needs_rotation_head, random_rotations, rotation_loss
 from ssl_core.semi.targets import distribution_alignment, mixup, rampup_weight, sharpen, tsa_threshold
 from ssl_core.semi.vat import adversarial_direction, kl_from_logits
 from ssl_core.views import crop_flip_view
@@ -142,6 +149,7 @@ class SemiObjective:
             if cfg.algorithm == "temporal_ensembling" else None
         self.student: nn.Module | None = None
         self.teacher: nn.Module | None = None
+        self._restored_teacher: dict[str, Tensor] | None = None
         counts = torch.bincount(pool.labels[pool.labels >= 0], minlength=num_classes).float()
         self.labeled_marginal = (counts / counts.sum().clamp(min=1.0)).to(device) if counts.sum() > 0 \
             else torch.full((num_classes,), 1.0 / num_classes, device=device)
@@ -155,6 +163,41 @@ class SemiObjective:
         self.step = step + 1
         if self.teacher is not None and self.student is not None:
             ema_update(self.student, self.teacher, self.cfg.ema_momentum)
+
+    # ---------------------------------------------------------------------------------------- checkpointing
+    def state_dict(self) -> dict[str, object]:
+        """The state a resumed run needs: ``step``, ``model_marginal``, and where present ``ensemble_sums`` /
+        ``ensemble_updates`` and ``teacher`` (the EMA teacher's state dict). Tensors are cloned to the CPU."""
+        state: dict[str, object] = {"algorithm": self.cfg.algorithm, "step": self.step,
+                                    "model_marginal": self.model_marginal.detach().cpu().clone()}
+        if self.ensemble is not None:
+            state["ensemble_sums"] = self.ensemble.sums.detach().cpu().clone()
+            state["ensemble_updates"] = self.ensemble.updates.detach().cpu().clone()
+        teacher_state = self._restored_teacher if self.teacher is None else self.teacher.state_dict()
+        if teacher_state is not None:
+            state["teacher"] = {name: value.detach().cpu().clone() for name, value in teacher_state.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore ``state_dict()``'s result. The teacher is built lazily on the first step (it copies the model the
+        objective is called with), so a restored teacher state is applied then."""
+        if state["algorithm"] != self.cfg.algorithm:
+            raise ValueError(f"checkpointed semi state is of algorithm {state['algorithm']!r}, this run's is "
+                             f"{self.cfg.algorithm!r}")
+        self.step = int(state["step"])
+        self.model_marginal = state["model_marginal"].to(self.device).clone()
+        if self.ensemble is not None:
+            sums, updates = state["ensemble_sums"], state["ensemble_updates"]
+            if sums.shape != self.ensemble.sums.shape:
+                raise ValueError(f"checkpointed temporal ensemble has shape {tuple(sums.shape)}, this worker's pool "
+                                 f"needs {tuple(self.ensemble.sums.shape)}")
+            self.ensemble.sums, self.ensemble.updates = sums.to(self.device).clone(), updates.to(self.device).clone()
+        teacher = state.get("teacher")
+        if teacher is not None:
+            if self.teacher is None:
+                self._restored_teacher = teacher
+            else:
+                self.teacher.load_state_dict(teacher)
 
     # ---------------------------------------------------------------------------------------- the objective
     def _unlabeled(self, count: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -212,6 +255,9 @@ class SemiObjective:
     def _mean_teacher(self, model, inner, labeled, labels, unlabeled, rows, generator):
         if self.teacher is None:
             self.student, self.teacher = inner, frozen_copy(inner)
+            if self._restored_teacher is not None:
+                self.teacher.load_state_dict(self._restored_teacher)
+                self._restored_teacher = None
         student_view, teacher_view = self.weak(unlabeled, generator), self.weak(unlabeled, generator)
         with torch.no_grad():
             targets = torch.softmax(self.teacher(teacher_view).float(), 1)
@@ -264,18 +310,31 @@ class SemiObjective:
                 losses.mixmatch_unlabeled_loss(u_logits, u_targets), {})
 
     def _remixmatch(self, model, inner, labeled, labels, unlabeled, rows, generator):
+        classes, rotating = self.num_classes, needs_rotation_head(self.cfg)
         with torch.no_grad():
-            probabilities = torch.softmax(inner(self.weak(unlabeled, generator)).float(), 1)
+            outputs = inner(self.weak(unlabeled, generator)).float()
+            if outputs.shape[1] != classes + ROTATIONS * rotating:
+                raise ValueError(f"remixmatch with rotation_weight={self.cfg.rotation_weight} needs a model with "
+                                 f"{classes + ROTATIONS * rotating} outputs (ssl_core.semi.rotation.training_model), "
+                                 f"got {outputs.shape[1]}")
+            probabilities = torch.softmax(outputs[:, :classes], 1)
             momentum = self.cfg.alignment_momentum
             self.model_marginal = momentum * self.model_marginal + (1 - momentum) * probabilities.mean(0)
             guess = sharpen(distribution_alignment(probabilities, self.labeled_marginal, self.model_marginal),
                             self.cfg.temperature)
         views = [self.strong(unlabeled, generator) for _ in range(self.cfg.augmentations)]
-        (l_logits, u_logits, unmixed), l_targets, u_targets = self._mixed(
-            model, labeled, _one_hot(labels, self.num_classes), views, guess, generator, extra=(views[0],))
-        unsup = losses.soft_cross_entropy(u_logits, u_targets) \
-            + REMIXMATCH_UNMIXED_WEIGHT * losses.soft_cross_entropy(unmixed, guess)
-        return losses.soft_cross_entropy(l_logits, l_targets), unsup, {}
+        rotated, quarter_turns = random_rotations(views[0], generator) if rotating else (None, None)
+        extra = (views[0], rotated) if rotating else (views[0],)
+        (l_logits, u_logits, unmixed, *rotated_logits), l_targets, u_targets = self._mixed(
+            model, labeled, _one_hot(labels, classes), views, guess, generator, extra=extra)
+        unsup = losses.soft_cross_entropy(u_logits[:, :classes], u_targets) \
+            + REMIXMATCH_UNMIXED_WEIGHT * losses.soft_cross_entropy(unmixed[:, :classes], guess)
+        logs = {}
+        if rotating:
+            rotation = rotation_loss(rotated_logits[0][:, classes:], quarter_turns)
+            unsup = unsup + self.cfg.rotation_weight * rotation
+            logs["rotation_loss"] = rotation.detach()
+        return losses.soft_cross_entropy(l_logits[:, :classes], l_targets), unsup, logs
 
     def _label_propagation(self, model, inner, labeled, labels, unlabeled, rows, generator):
         pseudo, weights = self.propagated
