@@ -23,6 +23,7 @@ from typing import Any
 
 from pipelines import tracking
 from pipelines.config import TrackingConfig
+from pipelines.console import format_duration, leaf_name
 from pipelines.dag import STAGES
 
 REPORT_ARTIFACT_DIR = "report"
@@ -205,8 +206,6 @@ def _image(png_base64: str, alt: str, image_id: str) -> str:
 
 
 def _duration(seconds: float | None) -> str:
-    from pipelines.console import format_duration
-
     return "-" if seconds is None else format_duration(seconds)
 
 
@@ -239,7 +238,7 @@ def render(view: PipelineView, tracking_config: TrackingConfig) -> str:
         for run in runs:
             loss = tracking.metric_history(tracking_config, run.info.run_id, "epoch_loss")
             if loss and stage.name != "tune":
-                label = stage.name if run is stage.run else run.info.run_name.split("/")[-1]
+                label = stage.name if run is stage.run else f"{stage.name} {leaf_name(run.info.run_name)}"
                 curves["training loss per epoch"][label] = loss
     if "pretrain" in view.stages:
         knn = tracking.metric_history(tracking_config, view.stages["pretrain"].run.info.run_id, "epoch_knn_top1")
@@ -282,7 +281,9 @@ def render(view: PipelineView, tracking_config: TrackingConfig) -> str:
         if found is not None:
             matrix, png = found
             top1 = view.stages["distill"].record.get("metrics", {}).get("test_top1")
-            parts.append(f"<p>student test top-1 {_number(top1)}</p>" + _image(png, "confusion matrix", "confusion"))
+            val_top1 = view.stages["distill"].record.get("metrics", {}).get("val_top1")  # what promotion compares
+            parts.append(f"<p>student test top-1 {_number(top1)}, val top-1 {_number(val_top1)} (the promotion "
+                         "gate)</p>" + _image(png, "confusion matrix", "confusion"))
             parts.append(_table(["true \\ predicted", *map(str, range(len(matrix)))],
                                 [[str(i), *row] for i, row in enumerate(matrix)], "confusion_table"))
 

@@ -10,12 +10,22 @@ from pathlib import Path
 from pipelines import tracking
 from pipelines.config import PipelineConfig
 from pipelines.dag import STAGES, PipelineResult, summary_metrics
-from pipelines.records import TuneRecord
+from pipelines.records import TuneRecord, fraction_key
 
 
 def _table(rows: list[tuple[str, str]]) -> str:
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+def _teacher_rows(cfg: PipelineConfig, finetune_metrics: dict[str, float]) -> list[tuple[str, str]]:
+    """One row per ``finetune.fractions``: the fine-tuned teacher's test top-1, the distilled one marked."""
+    rows = []
+    for fraction in cfg.finetune.fractions:
+        distilled = ", distilled" if fraction == cfg.teacher_fraction else ""
+        rows.append((f"fine-tuned teacher ({fraction * 100:g}% labels{distilled})",
+                     f"{finetune_metrics[f'test_top1_fraction_{fraction_key(fraction)}']:.4f}"))
+    return rows
 
 
 def summary_table(cfg: PipelineConfig, result: PipelineResult, seconds: float) -> str:
@@ -27,8 +37,9 @@ def summary_table(cfg: PipelineConfig, result: PipelineResult, seconds: float) -
     rows = [
         ("kNN top-1, random init / SSL", f"{metrics['knn_top1_random']:.4f} / {metrics['knn_top1_ssl']:.4f}"),
         ("linear probe top-1, random / SSL", f"{metrics['linear_top1_random']:.4f} / {metrics['linear_top1_ssl']:.4f}"),
-        (f"fine-tuned teacher ({cfg.finetune.label_fraction:.0%} labels)", f"{metrics['teacher_test_top1']:.4f}"),
-        (f"distilled student ({cfg.distill.student_backbone})", f"{metrics['student_test_top1']:.4f}"),
+        *_teacher_rows(cfg, records["finetune"].metrics),
+        (f"distilled student ({cfg.distill.student_backbone}), test / val (gate)",
+         f"{metrics['student_test_top1']:.4f} / {records['distill'].metrics.get('val_top1', float('nan')):.4f}"),
         ("registered version", f"{register.model_name}/{register.version} (alias challenger)"),
         ("champion", f"{'yes, promoted' if promote.promoted else 'no'}: {promote.reason}"),
         ("stages reused", ", ".join(reused) or "none"),

@@ -126,7 +126,7 @@ def test_show_prints_stages_metrics_artifacts_and_registry_versions(quickstart_r
     assert main(["show", "0123456789abcdef", "--config", str(config)]) == 2
     err = capsys.readouterr().err.splitlines()
     assert err[0] == f"sslflow: error: no MLflow run '0123456789abcdef' in {quickstart_run.cfg.tracking.uri}"
-    assert err[1].startswith("sslflow: fix the value named above")
+    assert err[1].startswith("sslflow: `sslflow ls` lists the pipeline runs of this store")
     assert main(["show", records["pretrain"].run_id, "--config", str(config)]) == 2
     assert f"its pipeline run is {quickstart_run.result.run_id}" in capsys.readouterr().err
 
