@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 UI_HINT = "mlflow ui --backend-store-uri {uri}"
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -23,9 +26,14 @@ def _init_ray() -> None:
 
 
 def _load(path: str | None, overrides: dict | None = None):
+    """The validated config, its tracking server checked to answer (``tracking.check_reachable``: seconds, not
+    MLflow's minutes of retries) before anything starts."""
+    from pipelines import tracking
     from pipelines.config import load_config
 
-    return load_config(path, overrides)
+    cfg = load_config(path, overrides)
+    tracking.check_reachable(cfg.tracking)
+    return cfg
 
 
 def _check_against_data(cfg) -> None:
@@ -38,6 +46,27 @@ def _check_against_data(cfg) -> None:
         manifest = read_manifest(cfg.data.path)
         if manifest.get("source") == cfg.data.source:
             check_pretrain_batch(cfg, manifest)
+            if cfg.tune.enabled:  # the space depends on the rows (MoCo's queue sizes): every value it can pick
+                from pipelines.config import check_search_values, search_space
+
+                check_search_values(cfg, search_space(cfg, manifest["splits"]["train"]["rows"])[0])
+
+
+def _check_fits_machine(cfg) -> None:
+    """On the embedded local Ray (no ``RAY_ADDRESS``, not a ``ray job submit`` driver): refuse, before Ray starts,
+    workers this machine cannot hold (``config.machine_shortfall`` against its usable CPUs and CUDA GPUs), which Ray
+    would wait for forever. On a cluster a stage waits at most ``scaling.resource_wait_s`` (``ray_train.fit``)."""
+    from pipelines.config import machine_shortfall
+
+    if os.environ.get("RAY_ADDRESS") or RAY_JOB_ENV in os.environ:
+        return
+    import torch
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    shortfall = machine_shortfall(cfg, cpus, torch.cuda.device_count())
+    if shortfall is not None:
+        raise ValueError(f"{shortfall} (the local Ray this command starts; no RAY_ADDRESS is set): lower those "
+                         "keys, or run on a cluster (RAY_ADDRESS, `ray job submit`)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -48,6 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args.config)
     _check_against_data(cfg)
+    _check_fits_machine(cfg)
     started = time.perf_counter()
     if args.dry_run:
         result = run_pipeline(cfg, force=args.force, dry_run=True)
@@ -55,41 +85,57 @@ def cmd_run(args: argparse.Namespace) -> int:
         for stage in result.plan:
             print(f"  {stage.name:<9} {stage.fingerprint or '?':<20}  {stage.reason}")
         return 0
-    if args.verbose or RAY_JOB_ENV in os.environ:  # a submitted Ray job's log is the place for everything
-        _init_ray()
-        result = run_pipeline(cfg, force=args.force)
-        report_path = _write_report(cfg, result.run_id)
-    else:
-        result, report_path = _quiet_run(cfg, args.force)
+
+    def pipeline(console):
+        result = run_pipeline(cfg, force=args.force, **_watching(cfg, console))
+        if console is not None:
+            console.line("  writing the report")
+        return result.run_id, (result, _write_report(cfg, result.run_id))
+
+    result, report_path = _quietly(cfg, args, "run", pipeline)
     print(summary_table(cfg, result, time.perf_counter() - started))
     print(f"report: {report_path}")
     return 0
 
 
-def _quiet_run(cfg, force: list[str]):
-    """The pipeline with Ray's and MLflow's output in a log file (``pipelines.console``): the terminal gets the
-    stage lines and progress; the log becomes the pipeline run's artifact ``logs/``. Returns (result, report)."""
+def _quietly(cfg, args: argparse.Namespace, command: str, body: Callable[[Any], tuple[str, Any]],
+             start_ray: bool = True) -> Any:
+    """``body(console)`` (with Ray started unless ``start_ray`` is false); returns the second item ``body``
+    returns. By default the terminal is quiet (``pipelines.console``): Ray's and MLflow's output goes to a log file
+    (its path printed first) that becomes the artifact ``logs/`` of the MLflow run whose id ``body`` returns first,
+    and ``body`` gets the ``Console`` for stage lines and progress. With ``-v``, or in a driver submitted with
+    ``ray job submit`` (whose job log is the place for everything), ``body`` gets None and everything is printed."""
+    if args.verbose or RAY_JOB_ENV in os.environ:
+        if start_ray:
+            _init_ray()
+        return body(None)[1]
     import ray
 
     from pipelines import tracking
-    from pipelines.console import ProgressMonitor, log_file_path, quiet_terminal
-    from pipelines.dag import run_pipeline
+    from pipelines.console import log_file_path, quiet_terminal
 
     log_path = log_file_path(cfg.tracking.uri)
-    print(f"Ray and MLflow output: {log_path} (sslflow -v run shows it here)", flush=True)
+    print(f"Ray and MLflow output: {log_path} (sslflow -v {command} shows it here)", flush=True)
     with quiet_terminal(log_path) as console:
-        started_ray = not ray.is_initialized()
+        started_ray = start_ray and not ray.is_initialized()
         try:
-            _init_ray()
-            result = run_pipeline(cfg, force=force, echo=console.line,
-                                  monitor=lambda run_id: ProgressMonitor(cfg.tracking, run_id, console))
-            console.line("  writing the report")
-            report_path = _write_report(cfg, result.run_id)
+            if start_ray:
+                _init_ray()
+            run_id, value = body(console)
         finally:
             if started_ray:
                 ray.shutdown()  # inside the quiet block: Ray's goodbye lines go to the log too
-    tracking.log_artifact(cfg.tracking, result.run_id, log_path, "logs")
-    return result, report_path
+    tracking.log_artifact(cfg.tracking, run_id, log_path, "logs")
+    return value
+
+
+def _watching(cfg, console) -> dict[str, Any]:
+    """``run_pipeline``'s ``echo`` and ``monitor`` for a quiet terminal's ``console`` (none with -v: print)."""
+    from pipelines.console import ProgressMonitor
+
+    if console is None:
+        return {}
+    return {"echo": console.line, "monitor": lambda run_id: ProgressMonitor(cfg.tracking, run_id, console)}
 
 
 def _write_report(cfg, run_id: str) -> Path:
@@ -130,9 +176,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from pipelines.scoring import evaluate_model, scores_table
 
     cfg = _load(args.config)
-    run_id, scores, rows = evaluate_model(
-        cfg.tracking, args.model_uri, args.data, split=args.split, knn_k=args.knn_k, knn_temperature=args.knn_t,
-        image_size=args.image_size, probe_epochs=args.probe_epochs, seed=args.seed, npz_keys=_npz_keys(args.npz_key))
+
+    def scoring(console):
+        run_id, scores, rows = evaluate_model(
+            cfg.tracking, args.model_uri, args.data, split=args.split, knn_k=args.knn_k, knn_temperature=args.knn_t,
+            image_size=args.image_size, probe_epochs=args.probe_epochs, seed=args.seed,
+            npz_keys=_npz_keys(args.npz_key))
+        return run_id, (run_id, scores, rows)
+
+    run_id, scores, rows = _quietly(cfg, args, "evaluate", scoring, start_ray=False)
     print(f"{args.model_uri} on {args.data} [{args.split}]: {rows.description}")
     print(f"kNN k={min(args.knn_k, len(rows.bank_labels))} t={args.knn_t}; linear probe {args.probe_epochs} epochs")
     print(scores_table(scores))
@@ -146,8 +198,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from pipelines.summary import trials_table
 
     cfg = _load(args.config, {"tune": {"enabled": True}})
-    _init_ray()
-    result = run_pipeline(cfg, force=["tune"] if args.force else [], until="tune")
+    _check_against_data(cfg)
+    _check_fits_machine(cfg)
+
+    def search(console):
+        result = run_pipeline(cfg, force=["tune"] if args.force else [], until="tune", **_watching(cfg, console))
+        return result.run_id, result
+
+    result = _quietly(cfg, args, "tune", search)
     print(trials_table(cfg, result.records["tune"]))
     return 0
 
@@ -155,6 +213,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """The pretrain stage alone (ingesting first if the dataset is missing), in its own MLflow run."""
     from pipelines import tracking
+    from pipelines.console import ProgressMonitor
     from pipelines.datasets import has_manifest
     from pipelines.stages import pretrain
     from pipelines.stages.ingest import ingest
@@ -164,9 +223,19 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
         ingest(cfg.data.source, cfg.data.path, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
                npz_keys=cfg.data.npz_keys)
     _check_against_data(cfg)
-    _init_ray()
-    with tracking.run(cfg.tracking, "pretrain", {tracking.STAGE_TAG: "pretrain-only"}, params=cfg.to_dict()) as run_id:
-        record = pretrain.run(cfg, run_id, {})
+    _check_fits_machine(cfg)
+
+    def pretrain_alone(console):
+        with tracking.run(cfg.tracking, tracking.stage_run_name(cfg.name, "pretrain-only"),
+                          {tracking.STAGE_TAG: "pretrain-only", tracking.PIPELINE_TAG: cfg.name},
+                          params=cfg.to_dict()) as run_id:
+            watching = nullcontext() if console is None else \
+                ProgressMonitor(cfg.tracking, run_id, console, root_name="pretrain")
+            with watching:
+                record = pretrain.run(cfg, run_id, {})
+        return run_id, (run_id, record)
+
+    run_id, record = _quietly(cfg, args, "pretrain", pretrain_alone)
     print(f"pretrain finished: run {run_id}; encoder {record.encoder_uri}; metrics {record.metrics}")
     print("open the UI with: " + UI_HINT.format(uri=cfg.tracking.uri))
     return 0
@@ -175,7 +244,10 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     from pipelines.stages.promote import promote
 
+    from pipelines import tracking
+
     cfg = _load(args.config)
+    tracking.check_model_version(cfg.tracking, args.model, args.version)  # one line naming what does not exist
     decision = promote(cfg.tracking, args.model, args.version, cfg.registry.promote_margin, force=args.force)
     print(f"{args.model}/{args.version}: {'promoted' if decision['promoted'] else 'not promoted'}: {decision['reason']}")
     return 0
@@ -319,11 +391,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def what_to_do(error: BaseException) -> str:
-    """The one line that ends a user error's message: what to do about it."""
+    """The one line that ends a user error's message: what to do about it (the hint for its message when
+    ``pipelines.console.ERROR_HINTS`` has one, else the one for its type)."""
+    from pipelines.console import hint_for
+
+    hint = hint_for(str(error))
+    if hint is not None:
+        return hint
     if isinstance(error, FileExistsError):
         return "choose another output path, or pass --overwrite to replace it"
     if isinstance(error, FileNotFoundError):
         return "check the path above (relative paths are from the current folder), then run the command again"
+    if isinstance(error, ConnectionError):
+        return ("start the server named above or make it reachable from here (or set tracking.uri / "
+                "MLFLOW_TRACKING_URI to one that is), then run again")
     return ("fix the value named above (in the config file or on the command line) and run again; "
             "`sslflow run CONFIG --dry-run` checks a config without running anything")
 
@@ -332,6 +413,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: the pipeline ended its stage runs KILLED (pipelines.dag); no traceback
+        print("sslflow: interrupted (Ctrl-C): the runs in progress ended KILLED; run the same command again to "
+              "resume", file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
     except USER_ERRORS as error:
         error = getattr(error, "cause", None) if isinstance(getattr(error, "cause", None), USER_ERRORS) else error
         if args.verbose:
@@ -349,8 +434,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
-"""What a person's input causes (a config value, a path, an existing output): a message and what to do, no
+INTERRUPTED_EXIT_CODE = 130
+"""What a shell reports for a command ended by SIGINT (128 + 2)."""
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, ConnectionError)
+"""What a person's input causes (a config value, a path, an existing output, a server that does not answer, as
+``tracking.TrackingUnreachable``): a message and what to do, no
 traceback unless -v. Ray wraps a stage's error in ``RayTaskError`` that is also an instance of it (``.cause``)."""
 
 

@@ -24,6 +24,7 @@ import yaml
 from ssl_core.backbones import BACKBONES
 from ssl_core.hparams import FieldValueError, Validated, bounded, config_from_dict, replace_config
 from ssl_core.methods import METHODS, MethodConfig, check_finetune_head_layers, method_config
+from ssl_core.recipes import recipe
 from ssl_core.semi.config import SemiConfig
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -104,6 +105,10 @@ class ScalingSection(Validated):
     """Torch intra-op threads per CPU worker; 0: ``max(1, floor(cpus_per_worker))``."""
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each worker also requests (e.g. ``{accelerator_type:A10G: 0.01}`` or a per-node slot)."""
+    resource_wait_s: float = bounded(600.0, 1.0, 86400.0)
+    """On a cluster, how long a training stage waits for its workers' CPUs/GPUs (an autoscaler adding nodes) before
+    it fails naming the keys (``pipelines.ray_train.fit``); the embedded local Ray refuses at load what this machine
+    cannot hold (``machine_shortfall``)."""
 
     def check(self) -> None:
         for resource, amount in self.resources_per_worker.items():
@@ -133,10 +138,18 @@ class PretrainSection(Validated):
     log_every_steps: int = bounded(10, 1, 100000)
     compile: bool = False
     seed: int = 0
-    inject_failure_at_epoch: int | None = None
-    inject_nan_at_step: int | None = None
+    budget_minutes: float | None = None
+    """Wall-clock budget of the training loop (``ssl_core.budget.EpochBudget``): the schedules span the epochs that
+    fit (re-projected after each epoch from the measured pace, ``epochs`` the cap, the warm-up keeping its share
+    ``warmup_epochs / epochs``) and the stage stops at the end of the epoch that would otherwise cross it."""
+    precision: str = bounded("auto", choices=("auto", "fp32", "bf16"))
+    """Autocast of the training step (``ssl_core.device.autocast``): ``auto`` is bf16 on a GPU, fp32 on a CPU."""
 
     def check(self) -> None:
+        if self.budget_minutes is not None and (isinstance(self.budget_minutes, bool) or not isinstance(
+                self.budget_minutes, (int, float)) or not 0 < self.budget_minutes <= 1e6):
+            raise FieldValueError("budget_minutes", self.budget_minutes, "must be a number of minutes in (0, 1e6] "
+                                  "or null (no budget: run pretrain.epochs)")
         # Refused, not clamped: a warmup longer than the run means the schedule the user wrote never happens.
         if self.warmup_epochs > self.epochs:
             raise FieldValueError("warmup_epochs", self.warmup_epochs,
@@ -171,10 +184,23 @@ class TuneSection(Validated):
     cpus_per_worker: float = bounded(1.0, 0.05, 256)
     gpus_per_worker: float = bounded(0.0, 0.0, 16)
     seed: int = 0
-    inject_failure_trial: int | None = None
+    trial_budget_minutes: float | None = None
+    """Each pretraining trial's wall-clock budget (the trial's ``pretrain.budget_minutes``; ``epochs`` stays the
+    cap); null: a trial runs ``epochs``. Not inherited from ``pretrain.budget_minutes`` (that one sizes the final
+    run)."""
+    finetune: bool = False
+    """Also search fine-tuning, after pretrain (independent of ``enabled``, the pretrain search): trials fine-tune
+    the pretrain checkpoint on ``finetune.label_fraction`` for ``epochs`` and report ``val_top1`` (the labeled val
+    split) each epoch (``pipelines.finetuning``); the space is ``tune_spaces.semi_finetune``'s for
+    ``finetune.semi.algorithm``, plus ``finetune.lr`` / ``weight_decay`` with ``search_lr`` /
+    ``search_weight_decay`` (``bounds`` apply to the pretrain search only). The best overlay feeds finetune."""
 
     def check(self) -> None:
-        if self.enabled and self.scheduler == "asha" and self.grace_period > self.epochs:
+        if self.trial_budget_minutes is not None and (isinstance(self.trial_budget_minutes, bool) or not isinstance(
+                self.trial_budget_minutes, (int, float)) or not 0 < self.trial_budget_minutes <= 1e6):
+            raise FieldValueError("trial_budget_minutes", self.trial_budget_minutes,
+                                  "must be a number of minutes in (0, 1e6] or null (trials run tune.epochs)")
+        if (self.enabled or self.finetune) and self.scheduler == "asha" and self.grace_period > self.epochs:
             raise FieldValueError("grace_period", self.grace_period, f"exceeds tune.epochs={self.epochs}")
 
 
@@ -364,6 +390,31 @@ def _method_section(raw: Mapping[str, Any], image_size: int) -> MethodSection:
     return MethodSection(name, method_config(name, {**values, "image_size": image_size}, "method.config"))
 
 
+def _with_recipe(raw: Mapping[str, Mapping[str, Any]]) -> dict[str, Mapping[str, Any]]:
+    """The raw ``method`` and ``pretrain`` sections with the recipe of the method at ``data.image_size``
+    (``ssl_core.recipes``) filling what they leave out: the stem (``small_images``) always, the rest of the backbone
+    group only when ``method.config`` names no backbone, each objective field unless set, the optimizer group only
+    when ``pretrain`` sets none of optimizer, lr, lr_scaling, weight_decay. An unknown method or a malformed section
+    is left for the checks that name it."""
+    method, pretrain = raw["method"], raw["pretrain"]
+    name = method.get("name", MethodSection.name)
+    config = method.get("config") or {}
+    image_size = raw["data"].get("image_size", DataConfig.image_size)
+    if name not in METHODS or not isinstance(config, Mapping) or isinstance(image_size, bool) \
+            or not isinstance(image_size, int):
+        return {}
+    fields = {f.name: f.default for f in dataclasses.fields(METHODS.get(name).Config)}
+    chosen = recipe(name, image_size, default_backbone=fields["backbone"])
+    stem = {"small_images": chosen.backbone["small_images"]}  # the stem follows the image size whatever the backbone
+    filled = {**stem, **config} if "backbone" in config else {**chosen.backbone, **config}
+    filled = {**{k: v for k, v in chosen.objective.items() if k in fields}, **filled}
+    filled = {k: v for k, v in filled.items() if k in fields or k in config}
+    sections: dict[str, Mapping[str, Any]] = {"method": {**method, "config": filled}}
+    if not set(chosen.optimizer) & set(pretrain):
+        sections["pretrain"] = {**chosen.optimizer, **pretrain}
+    return sections
+
+
 def _with_semi_config(finetune: Mapping[str, Any]) -> Mapping[str, Any]:
     """The raw finetune section with its ``semi`` mapping built into a ``SemiConfig`` (errors name
     ``finetune.semi.<key>``)."""
@@ -389,6 +440,7 @@ def config_from_mapping(values: Mapping[str, Any], base: Path | None = None) -> 
         if not isinstance(section, Mapping):
             raise ValueError(f"{key} must be a mapping, got {type(section).__name__}")
     raw["finetune"] = _with_semi_config(raw["finetune"])
+    raw.update(_with_recipe(raw))
     sections: dict[str, Any] = {}
     for key, cls in SECTIONS.items():
         if key != "method":
@@ -406,6 +458,7 @@ def config_from_mapping(values: Mapping[str, Any], base: Path | None = None) -> 
         raise ValueError(f"distill.teacher_fraction={teacher_fraction!r} is not one of the fine-tuned fractions "
                          f"{list(sections['finetune'].fractions)}")
     sections["data"] = dataclasses.replace(sections["data"], path=_resolve_path(sections["data"].path, base))
+    _check_source(sections["data"].source, base)
     storage_path = sections["scaling"].storage_path
     if "storage_path" not in raw["scaling"] and os.environ.get(STORAGE_PATH_ENV):
         storage_path = os.environ[STORAGE_PATH_ENV]  # a cluster's shared checkpoint store (e.g. s3://bucket/runs)
@@ -415,10 +468,99 @@ def config_from_mapping(values: Mapping[str, Any], base: Path | None = None) -> 
     if not isinstance(name, str) or not name:
         raise ValueError("name must be a non-empty string")
     config = PipelineConfig(name=name, **sections)
+    check_first_step(config)
     if config.tune.enabled:
         _check_tune_trial(config)
         _check_search(config)
+    if config.tune.finetune:
+        finetune_search_space(config)
     return config
+
+
+def _check_source(source: str, base: Path) -> None:
+    """A source that does not exist (an unknown ``builtin:`` name, a missing file or folder) is refused at load,
+    before Ray starts or the tracking store is touched (only the path is looked at; ingest reads it)."""
+    from ssl_core.sources import source_path
+
+    try:
+        source_path(source, base)
+    except (ValueError, FileNotFoundError) as error:
+        raise FieldValueError("source", source, f"is not usable: {error}", "data.source") from None
+
+
+def check_first_step(cfg: PipelineConfig) -> None:
+    """The cross-field rules without which pretraining crashes at its first step; each names both keys.
+
+    - A negative queue (a method config's ``queue_size`` > 0: MoCo, PCL, SimCLRv2's memory) takes the keys of both
+      views of every worker's batch each step (of all workers when ``gather_distributed``): ``queue_size`` must hold
+      ``2 x pretrain.batch_size x workers``.
+    - A ViT backbone (``vit_*``) cuts images into patches of ``default_vit_patch_size(data.image_size)``:
+      ``data.image_size`` and DINO's local crops (``local_crop_size``) must be multiples of it.
+    """
+    from ssl_core.backbones import default_vit_patch_size
+    from ssl_core.views import local_crop_size
+
+    method = cfg.method.config
+    queue_size = getattr(method, "queue_size", 0)
+    workers = max(1, cfg.scaling.num_workers) if getattr(method, "gather_distributed", False) else 1
+    keys = 2 * cfg.pretrain.batch_size * workers
+    if queue_size and queue_size < keys:
+        raise FieldValueError("queue_size", queue_size, f"is smaller than the {keys} keys a step enqueues (2 views x "
+                              f"pretrain.batch_size={cfg.pretrain.batch_size} x {workers} worker(s), "
+                              "scaling.num_workers): raise the queue or lower the batch", "method.config.queue_size")
+    if method.backbone.startswith("vit_"):
+        patch = default_vit_patch_size(cfg.data.image_size)
+        if cfg.data.image_size % patch:
+            raise FieldValueError("image_size", cfg.data.image_size, f"is not a multiple of {patch}, the patch size of "
+                                  f"method.config.backbone={method.backbone} at this size", "data.image_size")
+        local_crops = getattr(method, "num_local_crops", 0)
+        if local_crops and local_crop_size(cfg.data.image_size) % patch:
+            raise FieldValueError("num_local_crops", local_crops, f"asks for local crops of "
+                                  f"{local_crop_size(cfg.data.image_size)} px, not a multiple of the {patch} px "
+                                  f"patches of method.config.backbone={method.backbone} at data.image_size="
+                                  f"{cfg.data.image_size}", "method.config.num_local_crops")
+
+
+def check_search_values(cfg: PipelineConfig, param_space: Mapping[str, Any]) -> None:
+    """``check_first_step`` for every extreme value each dimension of the Tune search ``param_space`` can pick (the
+    bounds of a range, every category of a choice), with a trial's workers (``tune.num_workers``); the error names
+    the searched key and its value."""
+    from tune_spaces import domain_values
+
+    for section, dimensions in param_space.items():
+        dimensions = dimensions["config"] if section == "method" else dimensions
+        for name, domain in dimensions.items():
+            key = f"{section}.config.{name}" if section == "method" else f"{section}.{name}"
+            for value in domain_values(domain):
+                overlay = {"method": {"config": {name: value}}} if section == "method" else {section: {name: value}}
+                trial = cfg.with_overlay({**overlay, "scaling": {"num_workers": cfg.tune.num_workers}})
+                try:
+                    check_first_step(trial)
+                except FieldValueError as error:
+                    raise ValueError(f"tune: the search can pick {key}={value!r} (tune.space / tune.bounds), and a "
+                                     f"trial with it would crash: {error}") from None
+
+
+def machine_shortfall(cfg: PipelineConfig, cpus: float, gpus: float) -> str | None:
+    """Why a worker group this config starts cannot be placed on ``cpus`` CPUs and ``gpus`` GPUs (one machine: the
+    embedded local Ray), naming the keys; None when every one fits. Training stages reserve ``scaling.num_workers x
+    scaling.cpus_per_worker`` CPUs (and ``gpus_per_worker`` GPUs with ``use_gpu``); a Tune trial ``tune.num_workers
+    x tune.cpus_per_worker`` (+ GPUs) plus its 0.1-CPU driver. ``num_workers: 0`` trains in-process."""
+    s, t = cfg.scaling, cfg.tune
+    groups = [("scaling", s.num_workers, s.cpus_per_worker, s.gpus_per_worker if s.use_gpu else 0.0, 0.0)]
+    if t.enabled:
+        groups.append(("tune", t.num_workers, t.cpus_per_worker, t.gpus_per_worker, 0.1))
+    for section, workers, cpus_each, gpus_each, extra_cpus in groups:
+        if workers == 0:
+            continue
+        wanted_cpus, wanted_gpus = workers * cpus_each + extra_cpus, workers * gpus_each
+        if wanted_cpus > cpus + 1e-9:
+            return (f"{section}.num_workers={workers} x {section}.cpus_per_worker={cpus_each:g} needs "
+                    f"{wanted_cpus:g} CPUs, and this machine's Ray has {cpus:g}")
+        if wanted_gpus > gpus + 1e-9:
+            return (f"{section}.num_workers={workers} x {section}.gpus_per_worker={gpus_each:g} needs "
+                    f"{wanted_gpus:g} GPUs, and this machine's Ray has {gpus:g}")
+    return None
 
 
 def search_space(cfg: PipelineConfig, train_rows: int) -> tuple[dict[str, Any], str, str]:
@@ -442,6 +584,23 @@ def search_space(cfg: PipelineConfig, train_rows: int) -> tuple[dict[str, Any], 
     return param_space, metric, mode
 
 
+def finetune_search_space(cfg: PipelineConfig) -> tuple[dict[str, Any], str, str]:
+    """``(param_space, metric, mode)`` of the fine-tune search (``tune.finetune``): the overlay ``{"finetune":
+    {"semi": ..., "lr": ..., "weight_decay": ...}}`` of Ray Tune domains, validated against their sections' ranges."""
+    from tune_spaces import shared_search_space, validate_fields
+    from tune_spaces import semi_finetune
+
+    t = cfg.tune
+    semi_dims = semi_finetune.space(cfg.finetune.semi.algorithm)
+    shared_dims = shared_search_space(cfg.finetune.lr, cfg.finetune.weight_decay, t.search_lr, t.search_weight_decay)
+    validate_fields(FinetuneSection, shared_dims, "tune space", "finetune.")
+    if not semi_dims and not shared_dims:
+        raise FieldValueError("finetune", True, "searches nothing: finetune.semi.algorithm=none has no space; choose "
+                              "an algorithm or set tune.search_lr / tune.search_weight_decay", "tune.finetune")
+    return {"finetune": {**shared_dims, **({"semi": semi_dims} if semi_dims else {})}}, semi_finetune.METRIC, \
+        semi_finetune.MODE
+
+
 def _check_tune_trial(cfg: PipelineConfig) -> None:
     """A Tune trial pretrains for ``tune.epochs`` with the pretrain section's warmup (``trial_overlay``)."""
     if cfg.pretrain.warmup_epochs > cfg.tune.epochs:
@@ -451,8 +610,9 @@ def _check_tune_trial(cfg: PipelineConfig) -> None:
 
 
 def _check_search(cfg: PipelineConfig) -> None:
-    """An enabled search must be able to run: its space (any dataset size), and Optuna when asked for."""
-    search_space(cfg, train_rows=1 << 20)
+    """An enabled search must be able to run: its space (any dataset size) and every value it can pick
+    (``check_search_values``), and Optuna when asked for."""
+    check_search_values(cfg, search_space(cfg, train_rows=1 << 20)[0])
     if cfg.tune.searcher == "optuna":
         import importlib.util
 

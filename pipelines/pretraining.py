@@ -1,26 +1,26 @@
 """Pretraining on Ray Train workers (DDP): any ``ssl_core`` method, data from Parquet through Ray Data. Used by the
 pretrain stage and by every Tune trial.
 
-``fit_pretraining`` is the driver: it builds the ``TorchTrainer`` over every image of the train and val splits and
-returns Ray's result; ``train_func`` is the Ray boundary (one call per worker): the method's ``ssl_objective`` in the
-worker loop (``pipelines.train_loop``), the kNN monitor on rank 0 (``pipelines.knn_monitor``: which labeled rows it
-uses, or why it is off, printed once and tagged on the run), and on rank 0 at the end the encoder logged as an
-MLflow PyTorch model.
+``fit_pretraining`` is the driver: it builds the ``TorchTrainer`` over every image of the train split (never val or
+test, ``pipelines.knn_monitor.pretrain_splits``) and returns Ray's result; ``train_func`` is the Ray boundary (one
+call per worker): the method's ``ssl_objective`` in the worker loop (``pipelines.train_loop``), the kNN monitor on
+rank 0 (``pipelines.knn_monitor``: which labeled rows it uses, or why it is off, printed once and tagged on the run),
+and on rank 0 at the end the encoder logged as an MLflow PyTorch model.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
-from pipelines import tracking
+from pipelines import faults, tracking
 from pipelines.config import PipelineConfig, from_dict
 from pipelines.datasets import read_manifest, read_split
+from pipelines.faults import Faults
 from pipelines.knn_monitor import KNN_MONITOR_TAG, KnnMonitor, monitor_plan, pretrain_rows, pretrain_splits
 from pipelines.ray_train import fit
 from pipelines.train_loop import LoopSpec, train, worker_info
@@ -38,21 +38,11 @@ class PretrainJob:
     run_name: str
     train_rows: int
     log_model: bool = True
-
-
-def _failure_marker(cfg: PipelineConfig, run_name: str) -> Path:
-    return Path(cfg.scaling.storage_path) / run_name / "injected_failure"
-
-
-def _inject_failure(cfg: PipelineConfig, run_name: str, epoch: int, rank: int, world_size: int) -> None:
-    """Test hook (``pretrain.inject_failure_at_epoch``): the last worker raises once, guarded by a marker file,
-    at the start of the given epoch."""
-    target = cfg.pretrain.inject_failure_at_epoch
-    marker = _failure_marker(cfg, run_name)
-    if target is not None and epoch + 1 == target and rank == world_size - 1 and not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"injected failure at epoch {target}\n")
-        raise RuntimeError(f"injected failure at epoch {target} (pretrain.inject_failure_at_epoch)")
+    faults: Faults = Faults()
+    """The test faults of the driver's ``SSLFLOW_FAULTS`` (``pipelines.faults``): workers do not read their own
+    environment, which a Ray started before the variable was set does not carry."""
+    resume_from: str | None = None
+    """An earlier attempt's checkpoint folder to start from (``pipelines.resume``)."""
 
 
 def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
@@ -71,7 +61,8 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
         seed=p.seed, optimizer=p.optimizer, lr=lr, weight_decay=p.weight_decay,
         warmup_steps=round(p.warmup_epochs * plan.steps_per_epoch), final_lr=lr * p.final_lr_fraction,
         grad_clip=p.grad_clip, checkpoint_every=p.checkpoint_every, check_every_steps=p.log_every_steps,
-        compile=p.compile, nan_at_step=p.inject_nan_at_step,
+        compile=p.compile, nan_at_step=job.faults.pretrain_nan_at_step,
+        budget_seconds=None if p.budget_minutes is None else 60 * p.budget_minutes, precision=p.precision,
     )
     monitor = None
     if info.is_chief:
@@ -84,15 +75,19 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
                                  normalization=method.normalization(), device=info.device, k=p.knn_k,
                                  temperature=p.knn_temperature, bank_size=p.knn_bank_size, seed=p.seed)
 
-    def knn(epoch: int) -> dict[str, float]:
-        due = monitor is not None and (epoch % p.knn_every == 0 or epoch == p.epochs)
+    def knn(epoch: int, final: bool) -> dict[str, float]:
+        due = monitor is not None and (epoch % p.knn_every == 0 or final)
         return {"knn_top1": monitor(method.encoder)} if due else {}
+
+    def after_step(step: int, total_steps: int) -> None:
+        method.on_after_optimizer_step(step, total_steps)
+        faults.hold_at_step(job.faults, job.run_name, step, info.rank)  # a test parks the run here (SSLFLOW_FAULTS)
 
     method, metrics = train(
         method, ssl_objective(method.view_generator(), info.device), spec, info, tracking_config=cfg.tracking,
-        run_id=job.run_id, param_groups=method.param_groups(p.weight_decay), after_step=method.on_after_optimizer_step,
-        epoch_metrics=knn, before_epoch=lambda epoch: _inject_failure(cfg, job.run_name, epoch, info.rank,
-                                                                      info.world_size),
+        run_id=job.run_id, param_groups=method.param_groups(p.weight_decay), after_step=after_step,
+        epoch_metrics=knn, resume_from=job.resume_from,
+        before_epoch=lambda epoch: faults.hold_at_epoch(job.faults, job.run_name, epoch, info.rank),
     )
     if not info.is_chief:
         return None
@@ -110,13 +105,14 @@ def check_pretrain_batch(cfg: PipelineConfig, manifest: dict) -> None:
 
 
 def fit_pretraining(cfg: PipelineConfig, run_id: str | None, run_name: str, *, callbacks: list[Any] | None = None,
-                    log_model: bool = True):
-    """Driver: pretrain ``cfg``'s method on every image of its train and val splits (``pretrain_splits``) as the Ray
+                    log_model: bool = True, resume_from: str | None = None):
+    """Driver: pretrain ``cfg``'s method on every image of its train split (``pretrain_splits``) as the Ray
     Train run ``run_name``; returns Ray's ``Result`` (``return_value`` = rank 0's ``{"metrics", "encoder_uri"}``).
     ``log_model=False`` (Tune trials) skips logging the encoder; ``callbacks`` are Ray Train callbacks (Tune's report
-    callback). A batch that the rows cannot fill raises ``ValueError`` here, before any worker starts."""
+    callback); ``resume_from`` an earlier attempt's checkpoint folder to start from. A batch that the rows cannot
+    fill raises ``ValueError`` here, before any worker starts."""
     manifest = read_manifest(cfg.data.path)
     check_pretrain_batch(cfg, manifest)
-    job = PretrainJob(cfg, run_id, run_name, pretrain_rows(manifest), log_model)
+    job = PretrainJob(cfg, run_id, run_name, pretrain_rows(manifest), log_model, faults.active(), resume_from)
     dataset = read_split(cfg.data.path, pretrain_splits(manifest), image_size=cfg.data.image_size)
     return fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset}, callbacks)

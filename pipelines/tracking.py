@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import random
+import socket
+import sys
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +25,7 @@ from mlflow.entities import Metric, Param, ViewType
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import TrackingConfig
+from pipelines.environment import environment_variable
 
 STAGE_TAG = "sslflow.stage"
 """Which stage a run is (``ingest``, ..., ``pipeline`` for the parent run, ``tune_trial`` for a Tune trial)."""
@@ -56,6 +62,12 @@ def stage_run_name(pipeline: str, stage: str) -> str:
     return f"{pipeline}/{stage}"
 
 
+def nested_run_name(pipeline: str, stage: str, part: str) -> str:
+    """The MLflow run name of a run nested in a stage's run: ``quickstart/finetune/0.1`` (a labeled fraction),
+    ``quickstart/tune/trial-003`` (a Tune trial). Its last path component (``part``) tells it apart in its stage."""
+    return f"{stage_run_name(pipeline, stage)}/{part}"
+
+
 SYSTEM_METRICS_INTERVAL_SECONDS = 5.0
 """How often a training worker samples its machine (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` overrides)."""
 
@@ -84,6 +96,45 @@ def client_for(tracking: TrackingConfig) -> MlflowClient:
     mlflow.set_tracking_uri(tracking.uri)
     mlflow.set_registry_uri(tracking.uri)
     return MlflowClient(tracking_uri=tracking.uri, registry_uri=tracking.uri)
+
+
+REACHABLE_TIMEOUT_SECONDS = 10.0
+"""How long ``check_reachable`` waits for a tracking server to answer before calling it unreachable."""
+
+
+class TrackingUnreachable(ConnectionError):
+    """The tracking server of ``tracking.uri`` / ``$MLFLOW_TRACKING_URI`` does not answer."""
+
+
+def check_reachable(tracking: TrackingConfig, timeout: float = REACHABLE_TIMEOUT_SECONDS) -> None:
+    """Raise ``TrackingUnreachable`` naming the URI unless the tracking server answers an HTTP request within
+    ``timeout`` seconds (any HTTP answer counts, even an error status: the server is there). Only ``http(s)://``
+    URIs are probed; one request, no retries, so a command fails in seconds instead of after MLflow's retries."""
+    import urllib.error
+    import urllib.request
+
+    uri = tracking.uri or ""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise TrackingUnreachable(f"the MLflow tracking server {uri} does not answer ({reason}); it is set by "
+                                  "tracking.uri or $MLFLOW_TRACKING_URI") from None
+
+
+def store_exists(tracking: TrackingConfig) -> bool:
+    """Whether the tracking store holds anything yet: False for a ``sqlite:///`` file that does not exist (reading it
+    through MLflow would create it), True for every other store. Lets a dry run, ``ls`` and ``promote`` write
+    nothing."""
+    uri = tracking.uri or ""
+    if not uri.startswith("sqlite:///"):
+        return True
+    return Path(uri.removeprefix("sqlite:///")).exists() if uri != "sqlite:///:memory:" else True
 
 
 def ensure_experiment(tracking: TrackingConfig) -> str:
@@ -311,7 +362,10 @@ def parent_run_id(tracking: TrackingConfig, run_id: str) -> str | None:
 
 
 def find_finished_stage(tracking: TrackingConfig, stage: str, fingerprint: str) -> dict[str, Any] | None:
-    """The record of the newest FINISHED run of ``stage`` with ``fingerprint``, or None."""
+    """The record of the newest FINISHED run of ``stage`` with ``fingerprint``, or None (also when the store does not
+    exist yet: ``store_exists``)."""
+    if not store_exists(tracking):
+        return None
     client = client_for(tracking)
     experiment = client.get_experiment_by_name(tracking.experiment)
     if experiment is None:
@@ -330,7 +384,38 @@ def find_finished_stage(tracking: TrackingConfig, stage: str, fingerprint: str) 
     return json.loads(runs[0].data.tags[RECORD_TAG])
 
 
+ARTIFACT_DIGESTS_TAG = "sslflow.artifact_digests"
+"""On a finished stage run: JSON ``{artifact URI: artifact_digest}`` of the artifacts its record names."""
+
+
+def artifact_digest(tracking: TrackingConfig, artifact_uri: str) -> str | None:
+    """sha256 over the relative path and content of every file of the artifact ``artifact_uri`` (``runs:/...`` file
+    or folder, ``models:/<model id>``), downloaded to a temporary folder; None when it is missing or empty."""
+    import hashlib
+
+    client_for(tracking)
+    # MLflow's download progress bar off: a plan's checksums would print one per artifact
+    with tempfile.TemporaryDirectory() as directory, \
+            environment_variable("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false"):
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=directory))
+        except (mlflow.exceptions.MlflowException, OSError):
+            return None
+        files = [local] if local.is_file() else sorted(path for path in local.rglob("*") if path.is_file())
+        if not files:
+            return None
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(f"{path.relative_to(local).as_posix()}\0{path.stat().st_size}\0".encode())
+            with path.open("rb") as stream:
+                for chunk in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(chunk)
+        return digest.hexdigest()
+
+
 def search_runs(tracking: TrackingConfig, filter_string: str, max_results: int = 100) -> list:
+    if not store_exists(tracking):
+        return []
     client = client_for(tracking)
     experiment = client.get_experiment_by_name(tracking.experiment)
     if experiment is None:
@@ -372,10 +457,7 @@ def register_version(
     All or nothing: if tagging or aliasing fails, the new version is deleted before the error propagates.
     """
     client = client_for(tracking)
-    try:
-        client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name)
+    ensure_registered_model(client, name)
     # A logged model's URI (models:/<model_id>) must name its model_id, or a tracking server refuses the version.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else None
     if model_id is not None and "/" in model_id:
@@ -392,13 +474,121 @@ def register_version(
     return str(version.version)
 
 
+def is_missing(error: mlflow.exceptions.MlflowException) -> bool:
+    """Whether a registry ``error`` says that a registered model, version or alias does not exist.
+
+    What MLflow 3.17 raises, from a SQL store and over REST alike: ``RESOURCE_DOES_NOT_EXIST`` for a missing model
+    or version, ``INVALID_PARAMETER_VALUE`` with "Registered model alias <alias> not found." for a missing alias.
+    Anything else (a server answering 5xx, an unreachable server, a broken store) is not "missing"."""
+    if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    message = str(error.message)
+    return error.error_code == "INVALID_PARAMETER_VALUE" and "alias" in message and "not found" in message
+
+
+def ensure_registered_model(client: MlflowClient, name: str) -> None:
+    """Create the registered model ``name`` unless it exists; a concurrent creator winning the race is fine."""
+    try:
+        client.get_registered_model(name)
+        return
+    except mlflow.exceptions.MlflowException as error:
+        if not is_missing(error):
+            raise
+    try:
+        client.create_registered_model(name)
+    except mlflow.exceptions.MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+
+
 def version_for_alias(tracking: TrackingConfig, name: str, alias: str):
-    """The ``ModelVersion`` behind ``name@alias``, or None if the model or alias does not exist."""
+    """The ``ModelVersion`` behind ``name@alias``; None only if the model or the alias does not exist
+    (``is_missing``). Any other registry error propagates: a transient error must never read as "no champion"."""
     client = client_for(tracking)
     try:
         return client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
-        return None
+    except mlflow.exceptions.MlflowException as error:
+        if is_missing(error):
+            return None
+        raise
+
+
+REGISTRY_LOCK_SUFFIX = ".promotion-lock"
+"""The lock of ``promote`` on ``<name>`` is the registered model ``<name>.promotion-lock`` (``registry_lock``)."""
+REGISTRY_LOCK_STALE_SECONDS = 60.0
+
+
+@contextmanager
+def registry_lock(tracking: TrackingConfig, name: str, *, stale_after: float = REGISTRY_LOCK_STALE_SECONDS,
+                  poll_seconds: float = 0.05) -> Iterator[None]:
+    """Hold the promotion lock of the registered model ``name`` while the block runs: at most one holder at a time
+    among every process and machine that shares the registry.
+
+    The lock is the registered model ``<name>`` + ``REGISTRY_LOCK_SUFFIX``. Creating a registered model is atomic
+    (the store refuses a second one with ``RESOURCE_ALREADY_EXISTS``), so exactly one of several concurrent
+    creators holds it; the holder deletes it on exit. A waiter polls every ``poll_seconds`` (with jitter). A lock
+    whose holder died stays behind: a waiter that has seen the same lock (same creation timestamp) for
+    ``stale_after`` seconds of its own clock deletes it, says so on stderr, and competes again. (Two waiters
+    breaking the same stale lock at once could both get in; a promotion takes well under ``stale_after``.)"""
+    client = client_for(tracking)
+    lock_name = f"{name}{REGISTRY_LOCK_SUFFIX}"
+    holder = f"{socket.gethostname()}:{os.getpid()}"
+    seen: tuple[int | None, float] | None = None  # (creation timestamp of the lock we wait on, when first seen)
+    while True:
+        try:
+            client.create_registered_model(lock_name, description=f"sslflow promotion lock of {name}, held by "
+                                                                  f"{holder}; deleted when its promotion ends")
+            break
+        except mlflow.exceptions.MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            created = client.get_registered_model(lock_name).creation_timestamp
+        except mlflow.exceptions.MlflowException as error:
+            if not is_missing(error):
+                raise
+            continue  # released meanwhile: try again now
+        if seen is None or seen[0] != created:
+            seen = (created, time.monotonic())
+        elif time.monotonic() - seen[1] >= stale_after:
+            print(f"[sslflow] breaking the promotion lock {lock_name!r} (unchanged for {stale_after:g} s: its holder "
+                  "died)", file=sys.stderr, flush=True)
+            try:
+                client.delete_registered_model(lock_name)
+            except mlflow.exceptions.MlflowException as error:
+                if not is_missing(error):
+                    raise
+            seen = None
+            continue
+        time.sleep(poll_seconds * (0.5 + random.random()))
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock_name)
+
+
+def check_model_version(tracking: TrackingConfig, name: str, version: str) -> None:
+    """``ValueError`` naming what does not exist unless the registry holds version ``version`` of the registered model
+    ``name``; reads only (an empty folder's tracking store is not created: ``store_exists``)."""
+    if not version.isdigit() or int(version) < 1:
+        raise ValueError(f"model version {version!r} is not a version number (1, 2, ...)")
+    if not store_exists(tracking):
+        raise ValueError(f"no registered model {name!r}: the tracking store {tracking.uri} does not exist yet")
+    client = client_for(tracking)
+    try:
+        client.get_registered_model(name)
+    except mlflow.exceptions.MlflowException as error:
+        if not is_missing(error):
+            raise
+        raise ValueError(f"no registered model {name!r} in {tracking.uri}") from None
+    try:
+        client.get_model_version(name, version)
+    except mlflow.exceptions.MlflowException as error:
+        if not is_missing(error):
+            raise
+        versions = sorted(int(found.version) for found in client.search_model_versions(f"name = '{name}'"))
+        raise ValueError(f"registered model {name!r} has no version {version} (its versions: "
+                         f"{', '.join(map(str, versions)) or 'none'})") from None
 
 
 def model_version(tracking: TrackingConfig, name: str, version: str):

@@ -1,17 +1,13 @@
-"""The pipeline DAG end to end on real Ray and real MLflow: all stages, reuse, kill-and-resume, promotion gate,
-config errors."""
+"""The pipeline DAG end to end on real Ray and real MLflow: all stages, reuse, config errors (kill-and-resume:
+tests/test_resume.py; the promotion gate: tests/test_promotion.py)."""
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -19,7 +15,6 @@ from pipelines import tracking
 from pipelines.config import config_from_mapping
 from pipelines.dag import STAGES, downstream_of, run_pipeline, stages_for
 from conftest import shrunk_quickstart
-from pipelines.stages.promote import promote, promotion_decision
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +29,7 @@ def _stage_runs(uri: str, parent_run_id: str) -> dict[str, object]:
 def test_quickstart_runs_every_stage_then_reuses_them(quickstart_run) -> None:
     cfg, first = quickstart_run.cfg, quickstart_run.result  # fine-tuned with FixMatch on two labeled fractions
     runs = _stage_runs(cfg.tracking.uri, first.run_id)
-    assert set(runs) == set(stages_for(cfg)) == set(STAGES) - {"tune"}
+    assert set(runs) == set(stages_for(cfg)) == set(STAGES) - {"tune", "tune_finetune"}
     assert all(run.info.status == "FINISHED" for run in runs.values())
     assert MlflowClient(cfg.tracking.uri).get_run(first.run_id).info.status == "FINISHED"
     upstream = yaml.safe_load(runs["distill"].data.tags[tracking.UPSTREAM_TAG])
@@ -73,57 +68,6 @@ def test_quickstart_runs_every_stage_then_reuses_them(quickstart_run) -> None:
     assert {p.name for p in forced.plan if p.reused is None} == {"distill", "register", "promote"}
 
 
-def _wait_for_running_stage(uri: str, stage: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"pipeline exited early with {process.returncode}: {process.stdout.read()}")
-        if Path(uri.removeprefix("sqlite:///")).exists():
-            client = MlflowClient(uri)
-            experiment = client.get_experiment_by_name("sslflow")
-            if experiment is not None and client.search_runs(
-                [experiment.experiment_id],
-                f"tags.`{tracking.STAGE_TAG}` = '{stage}' and attributes.status = 'RUNNING'",
-            ):
-                return
-        time.sleep(0.5)
-    raise AssertionError(f"stage {stage} never started")
-
-
-def test_killed_pipeline_resumes_reusing_finished_stages(ray_session, tmp_path: Path) -> None:
-    values = shrunk_quickstart(tmp_path, tmp_path / "digits")
-    values["finetune"]["epochs"] = 20  # long enough to be killed mid-way
-    config_path = tmp_path / "pipeline.yaml"
-    config_path.write_text(yaml.safe_dump(values))
-    tracking.ensure_experiment(config_from_mapping(values, base=tmp_path).tracking)  # tables exist before polling
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
-    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(config_path)], cwd=tmp_path,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    uri = values["tracking"]["uri"]
-    try:
-        _wait_for_running_stage(uri, "finetune", process, timeout=300)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    killed_parent = MlflowClient(uri).search_runs(
-        [MlflowClient(uri).get_experiment_by_name("sslflow").experiment_id],
-        f"tags.`{tracking.STAGE_TAG}` = 'pipeline'",
-    )[0]
-    before = _stage_runs(uri, killed_parent.info.run_id)
-    assert before["pretrain"].info.status == "FINISHED"
-    # The killed stage is RUNNING, or FAILED if Ray interrupted its task before the worker died: never FINISHED.
-    assert before["finetune"].info.status in {"RUNNING", "FAILED"}
-
-    values["finetune"]["epochs"] = 1  # the killed stage reruns from its start: keep the rerun short
-    cfg = config_from_mapping(values, base=tmp_path)
-    resumed = run_pipeline(cfg)
-    assert {p.name for p in resumed.plan if p.reused is not None} >= {"ingest", "pretrain"}
-    assert resumed.records["pretrain"].run_id == before["pretrain"].info.run_id
-    assert resumed.records["ingest"].run_id == before["ingest"].info.run_id
-    assert resumed.records["finetune"].run_id != before["finetune"].info.run_id
-    assert set(_stage_runs(uri, resumed.run_id)) >= {"finetune", "distill", "register", "promote"}
-
-
 def test_a_retried_stage_task_fails_the_run_its_dead_attempt_left_running(tmp_path: Path) -> None:
     """Ray retries a stage task whose worker died (OOM, lost node); the retry marks the first attempt's run FAILED."""
     cfg = config_from_mapping({"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db",
@@ -146,38 +90,6 @@ def test_a_retried_stage_task_fails_the_run_its_dead_attempt_left_running(tmp_pa
     assert client.get_run(dead).data.tags[tracking.DEAD_ATTEMPT_TAG].startswith("its Ray task died")
     assert [client.get_run(r).info.status for r in (finished, running_elsewhere, other_stage)] == [
         "FINISHED", "RUNNING", "RUNNING"]
-
-
-def test_promotion_decision() -> None:
-    assert promotion_decision(0.5, None, 0.0)[0]
-    assert promotion_decision(0.8, 0.7, 0.05)[0]
-    assert not promotion_decision(0.72, 0.7, 0.05)[0]
-    assert not promotion_decision(0.7, 0.7, 0.0)[0]
-    assert not promotion_decision(0.6, 0.7, 0.0)[0]
-
-
-def test_promotion_gate_moves_champion_only_for_a_better_candidate(tmp_path: Path) -> None:
-    cfg = config_from_mapping({"tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db",
-                                            "artifact_location": str(tmp_path / "artifacts")}}, base=tmp_path)
-    run_id = tracking.start_run(cfg.tracking, "models")
-    uri = tracking.log_torch_model(cfg.tracking, run_id, torch.nn.Linear(2, 2), "model", torch.zeros(1, 2))
-
-    def register(accuracy: float) -> str:
-        return tracking.register_version(cfg.tracking, uri, "gate", {"test_top1": accuracy}, [tracking.CHALLENGER])
-
-    def champion() -> str:
-        return str(tracking.version_for_alias(cfg.tracking, "gate", tracking.CHAMPION).version)
-
-    first = register(0.70)
-    assert promote(cfg.tracking, "gate", first, margin=0.01)["promoted"] and champion() == first
-    worse = register(0.65)
-    decision = promote(cfg.tracking, "gate", worse, margin=0.01)
-    assert not decision["promoted"] and champion() == first
-    assert "does not beat" in tracking.model_version(cfg.tracking, "gate", worse).tags[tracking.PROMOTION_TAG]
-    better = register(0.80)
-    assert promote(cfg.tracking, "gate", better, margin=0.01)["promoted"] and champion() == better
-    assert str(tracking.version_for_alias(cfg.tracking, "gate", "previous_champion").version) == first
-    assert promote(cfg.tracking, "gate", worse, margin=0.01, force=True)["promoted"] and champion() == worse
 
 
 @pytest.mark.parametrize(

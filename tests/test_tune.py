@@ -4,6 +4,7 @@ nested trial runs, ASHA, best overlay into pretrain, an injected failing trial, 
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from ray import tune
 
 import ssl_core
 from pipelines import tracking
+from pipelines.faults import FAULTS_ENV
 from pipelines.cli import main
 from pipelines.config import config_from_mapping
 from pipelines.dag import run_pipeline, stages_for
@@ -106,14 +108,14 @@ def test_unflatten_and_error_reason() -> None:
 
 
 def tiny_tune_pipeline(tmp_path: Path, data_path: Path, method: str, method_config: dict, tune_section: dict) -> dict:
-    """The quickstart made tiny (ResNet-8, 16 px, 1 pretrain epoch) with a search in front of pretrain."""
+    """The quickstart made tiny (ResNet-8, 16 px, batch 32, 1 pretrain epoch) with a search in front of pretrain."""
     values = yaml.safe_load((REPO / "pipelines/configs/quickstart.yaml").read_text())
     values["tracking"] = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "mlartifacts")}
     values["data"]["path"] = str(data_path)
     values["method"] = {"name": method, "config": {"backbone": "resnet8", "projection_hidden_dim": 32,
                                                   "projection_dim": 16, **method_config}}
     values["scaling"].update(cpus_per_worker=0.5, storage_path=str(tmp_path / "runs"))
-    values["pretrain"].update(epochs=1, knn_every=1)
+    values["pretrain"].update(epochs=1, knn_every=1, batch_size=32)  # a MoCo queue of 64 holds a step's 2 x 32 keys
     values["tune"] = {"enabled": True, "cpus_per_worker": 0.5, **tune_section}
     return values
 
@@ -136,11 +138,12 @@ def _last_metric(uri: str, run_id: str, name: str) -> float:
 
 @pytest.mark.slow
 def test_search_records_trials_survives_an_errored_one_and_feeds_pretrain(ray_session, tmp_path: Path,
-                                                                          data_path: Path, capsys) -> None:
-    """3 MoCo trials over queue size and temperature, 2 epochs, ASHA; trial 2 fails on purpose."""
+                                                                          data_path: Path, capsys,
+                                                                          monkeypatch) -> None:
+    """3 MoCo trials over queue size and temperature, 2 epochs, ASHA; trial 2 fails on purpose (SSLFLOW_FAULTS)."""
+    monkeypatch.setenv(FAULTS_ENV, '{"tune_fail_trial": 2}')
     values = tiny_tune_pipeline(tmp_path, data_path, "moco", {"queue_size": 128}, {
         "num_samples": 3, "epochs": 2, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
-        "inject_failure_trial": 2,
         "bounds": {"queue_size": {"choice": [64, 128, 256, 512]}, "temperature": {"loguniform": [0.05, 0.5]},
                    "momentum": {"uniform": [0.9, 0.99]}},
     })
@@ -151,7 +154,8 @@ def test_search_records_trials_survives_an_errored_one_and_feeds_pretrain(ray_se
     assert set(stages) == {"ingest", "tune", "pretrain"}
     tune_run = stages["tune"]
     trials = {t.data.tags["mlflow.runName"]: t for t in _children(uri, tune_run.info.run_id)}
-    assert set(trials) == {"trial-000", "trial-001", "trial-002"}
+    assert set(trials) == {f"{cfg.name}/tune/trial-{number:03d}" for number in range(3)}
+    trials = {name.rsplit("/", 1)[-1]: t for name, t in trials.items()}
     assert all(t.data.tags[tracking.STAGE_TAG] == TRIAL_STAGE for t in trials.values())
     searched = [(t.data.params["method.config.queue_size"], t.data.params["method.config.temperature"])
                 for t in trials.values()]
@@ -195,15 +199,17 @@ def test_search_records_trials_survives_an_errored_one_and_feeds_pretrain(ray_se
     capsys.readouterr()
     assert main(["tune", str(config_file)]) == 0
     printed = capsys.readouterr().out
+    log_path = Path(re.search(r"Ray and MLflow output: (\S+)", printed).group(1))  # quiet, as `sslflow run` is
+    assert log_path.parent == tmp_path / "logs" and log_path.is_file()
     assert f"3 trials ({record.trials['completed']} completed" in printed and "1 errored" in printed
     assert "injected failure in trial 2" in printed and "queue_size" in printed
 
 
 @pytest.mark.slow
 def test_a_search_whose_every_trial_fails_fails_the_stage_with_the_reasons(ray_session, tmp_path: Path,
-                                                                          data_path: Path) -> None:
-    values = tiny_tune_pipeline(tmp_path, data_path, "simclr", {}, {"num_samples": 1, "epochs": 1,
-                                                                    "inject_failure_trial": 0})
+                                                                          data_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(FAULTS_ENV, '{"tune_fail_trial": 0}')
+    values = tiny_tune_pipeline(tmp_path, data_path, "simclr", {}, {"num_samples": 1, "epochs": 1})
     cfg = config_from_mapping(values)
     with pytest.raises(Exception, match=r"every one of the 1 trials failed: trial 0: .*injected failure in trial 0"):
         run_pipeline(cfg, until="tune")

@@ -9,7 +9,8 @@ Per batch (one crop-and-flip view of each image, seen by both networks)::
 with ``w = distill.labeled_loss_weight`` and the CE averaged over the rows that carry a label (those of the
 teacher's fine-tuning subset; the other rows have label -1). The driver streams all train rows; each Ray Train
 worker loads the teacher from its MLflow model URI, frozen and in eval mode. Rank 0 logs the teacher's and the
-student's test top-1 at the end, and the student as the MLflow model ``student``.
+student's test top-1 and val top-1 (the val split is never trained on; promotion gates on it) at the end, and the
+student as the MLflow model ``student``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines import supervised, tracking
+from pipelines import resume, supervised, tracking
 from pipelines.config import PipelineConfig, from_dict
 from pipelines.datasets import labeled_subset_ids, read_manifest, read_split
 from pipelines.ray_train import fit, train_run_name
+from pipelines.scoring import labeled_split_top1
 from pipelines.records import ClassifierRecord, FinetuneRecord, StageRecord
 from pipelines.train_loop import train, worker_info
 from ssl_core.classifier import Classifier, student_classifier
@@ -44,6 +46,8 @@ class DistillJob:
     num_classes: int
     train_rows: int
     teacher_uri: str
+    resume_from: str | None = None
+    """An earlier attempt's checkpoint folder to start from (``pipelines.resume``)."""
 
 
 def masked_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
@@ -96,25 +100,32 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
                                 weight_decay=d.weight_decay, rows=job.train_rows, seed=cfg.data.seed,
                                 world_size=info.world_size)
     student, _ = train(student, distillation_objective(teacher, view, d.temperature, d.labeled_loss_weight), spec,
-                       info, tracking_config=cfg.tracking, run_id=job.run_id)
+                       info, tracking_config=cfg.tracking, run_id=job.run_id, resume_from=job.resume_from)
     if not info.is_chief:
         return None
     student_top1, teacher_top1 = supervised.test_top1(cfg, info.device, student, teacher)
     results = {"teacher_test_top1": teacher_top1, "student_test_top1": student_top1, "test_top1": student_top1}
+    val = labeled_split_top1(cfg.data.path, "val", cfg.data.image_size, info.device, student, teacher)
+    if val is not None:  # what promote gates on; test_top1 is only reported
+        results.update({"student_val_top1": val[0], "teacher_val_top1": val[1], "val_top1": val[0]})
+        print(f"[distill] val top-1: teacher {val[1]:.4f}, student {val[0]:.4f}", flush=True)
     print(f"[distill] test top-1: teacher {teacher_top1:.4f}, student {student_top1:.4f}", flush=True)
     return supervised.finish(cfg, job.run_id, student, "student", results, d.epochs)
 
 
 def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> ClassifierRecord:
     """Distill the fine-tuned teacher into a fresh student on every train row; the labels of the fine-tuning subset
-    feed the optional labeled loss. Metrics ``teacher_test_top1``, ``student_test_top1``, ``test_top1``."""
+    feed the optional labeled loss. Metrics ``teacher_test_top1``, ``student_test_top1``, ``test_top1`` and, when
+    the val split has labeled rows, ``teacher_val_top1``, ``student_val_top1``, ``val_top1`` (the promotion gate)."""
     teacher: FinetuneRecord = inputs["finetune"]
     supervised.check_test_split(cfg.data.path)
     fraction = cfg.teacher_fraction
     labeled_ids = labeled_subset_ids(cfg.data.path, "train", fraction, cfg.data.seed)
     train_rows = read_manifest(cfg.data.path)["splits"]["train"]["rows"]
     tracking.log_params(cfg.tracking, run_id, {"teacher_fraction": fraction})
-    job = DistillJob(cfg, run_id, teacher.num_classes, train_rows, teacher.teacher_uri(fraction))
+    earlier = resume.resume_point(cfg, "distill", run_id, resume.earlier_attempts(cfg.tracking, run_id), "distill")
+    job = DistillJob(cfg, run_id, teacher.num_classes, train_rows, teacher.teacher_uri(fraction),
+                     None if earlier is None else earlier.checkpoint)
     dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size, labeled_ids=labeled_ids)
     run_name = train_run_name("distill", run_id)
     result = fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset})

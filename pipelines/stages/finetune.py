@@ -8,7 +8,9 @@ worker downloads the pretrain checkpoint from MLflow and builds the classifier. 
 none`` it trains with cross-entropy on the labeled rows only; otherwise every worker also holds an unlabeled pool
 (all train rows, at most ``semi.unlabeled_rows``: the fraction's labeled rows plus a seeded subset of the others,
 split between the workers) and runs ``ssl_core.semi.SemiObjective``. Rank 0 logs the test-split top-1 and the
-classifier as the MLflow model ``classifier`` in the fraction's run.
+classifier as the MLflow model ``classifier`` in the fraction's run. The worker's parts (job, classifier,
+objective) live in ``pipelines.finetuning``, shared with the tune stage's fine-tune trials (``tune.finetune``),
+whose best ``finetune.semi`` overlay reaches this stage through the DAG.
 
 The stage's run gets ``test_top1_fraction_<f>`` per fraction, ``test_top1`` of ``finetune.label_fraction``, and
 ``plots/label_efficiency.png``: test top-1 against the labeled fraction, with the evaluate stage's linear probe and
@@ -19,95 +21,19 @@ from __future__ import annotations
 
 import dataclasses
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-
-from pipelines import supervised, tracking
+from pipelines import resume, supervised, tracking
 from pipelines.config import PipelineConfig, from_dict
-from pipelines.datasets import (
-    labeled_subset_ids, load_split_tensors, read_manifest, read_split, should_materialize,
-)
-from pipelines.knn_monitor import pretrain_rows
+from pipelines.datasets import labeled_subset_ids, read_manifest, read_split, should_materialize
+from pipelines.finetuning import FinetuneJob, fine_tune
 from pipelines.ray_train import fit, train_run_name
 from pipelines.records import EvaluateRecord, FinetuneRecord, PretrainRecord, StageRecord, fraction_key
-from pipelines.train_loop import LoopSpec, WorkerInfo, train, worker_info
-from ssl_core.classifier import Classifier, classifier_from_method
-from ssl_core.evaluate import extract_features
-from ssl_core.methods import StepOutput, build_method
-from ssl_core.semi import SemiObjective, UnlabeledPool, pool_subset, semi_views
-from ssl_core.semi.propagation import propagated_labels
-from ssl_core.training import Objective
+from pipelines.train_loop import worker_info
 
 FRACTION_STAGE_TAG = "finetune_fraction"
 """``sslflow.stage`` of a fraction's run nested under the stage's run."""
-
-
-@dataclass(frozen=True)
-class FinetuneJob:
-    """What a fine-tuning worker needs; crosses the Ray boundary as ``dataclasses.asdict`` and is rebuilt once."""
-
-    config: PipelineConfig
-    run_id: str
-    """The fraction's (nested) MLflow run."""
-    num_classes: int
-    num_labeled: int
-    label_fraction: float
-    checkpoint_uri: str
-
-
-def _pretrained_classifier(job: FinetuneJob) -> Classifier:
-    cfg = job.config
-    with tempfile.TemporaryDirectory() as directory:
-        path = tracking.download_artifact(cfg.tracking, job.checkpoint_uri, directory)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    # The pretrain checkpoint's memory bank (NPID, PCL, ...) has one row per pretraining image: build it that size.
-    method = build_method(cfg.method.name, cfg.method.config, train_rows=pretrain_rows(read_manifest(cfg.data.path)))
-    method.load_state_dict(state["model"])
-    return classifier_from_method(method, cfg.finetune.head_layers, job.num_classes)
-
-
-def unlabeled_pool(job: FinetuneJob, info: WorkerInfo) -> tuple[UnlabeledPool, UnlabeledPool]:
-    """``(whole pool, this worker's part)``: the train rows with the fraction's labels (-1 elsewhere), at most
-    ``semi.unlabeled_rows`` of them (``pool_subset``), the part being every ``world_size``-th row from ``rank``."""
-    cfg = job.config
-    labeled_ids = labeled_subset_ids(cfg.data.path, "train", job.label_fraction, cfg.data.seed)
-    images, labels = load_split_tensors(cfg.data.path, "train", cfg.data.image_size, labeled_only=False,
-                                        labeled_ids=labeled_ids)
-    rows = pool_subset(labels, cfg.finetune.semi.unlabeled_rows, cfg.data.seed)
-    part = rows[info.rank::info.world_size]
-    return UnlabeledPool(images[rows], labels[rows]), UnlabeledPool(images[part], labels[part])
-
-
-def _objective(job: FinetuneJob, model: Classifier, info: WorkerInfo,
-               spec: LoopSpec) -> tuple[Objective, dict[str, Any]]:
-    """The stage's objective and the loop hooks it needs (``after_step``, ``before_epoch``)."""
-    cfg, semi = job.config, job.config.finetune.semi
-    if semi.algorithm == "none":
-        view = supervised.training_view(cfg.data.image_size, model.normalization(), info.device)
-
-        def cross_entropy(wrapped: nn.Module, batch: dict[str, Tensor], generator: torch.Generator) -> StepOutput:
-            return StepOutput(F.cross_entropy(wrapped(view(batch["image"], generator)).float(), batch["label"]))
-
-        return cross_entropy, {}
-    pool, part = unlabeled_pool(job, info)
-    propagated = None
-    if semi.algorithm == "label_propagation":
-        features = extract_features(model.encoder, pool.images, device=info.device, normalize=model.normalization())
-        pseudo, weights = propagated_labels(features, pool.labels, job.num_classes, k=semi.propagation_k,
-                                            alpha=semi.propagation_alpha, gamma=semi.propagation_gamma,
-                                            iterations=semi.propagation_iterations)
-        part_rows = torch.arange(len(pool.labels))[info.rank::info.world_size]
-        propagated = (pseudo[part_rows], weights[part_rows])
-    objective = SemiObjective(semi, part, job.num_classes, semi_views(cfg.data.image_size, model.normalization(),
-                                                                      semi, info.device),
-                              device=info.device, total_steps=spec.total_steps,
-                              steps_per_epoch=spec.batch.steps_per_epoch, propagated=propagated)
-    return objective, {"after_step": objective.after_step, "before_epoch": objective.before_epoch}
 
 
 def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
@@ -115,12 +41,7 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
     job = from_dict(FinetuneJob, values)
     cfg, f = job.config, job.config.finetune
     info = worker_info(cfg.scaling.cpus_per_worker, cfg.scaling.torch_threads, "finetune")
-    model = _pretrained_classifier(job)
-    spec = supervised.loop_spec("finetune", epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
-                                weight_decay=f.weight_decay, rows=job.num_labeled, seed=cfg.data.seed,
-                                world_size=info.world_size)
-    objective, hooks = _objective(job, model, info, spec)
-    model, _ = train(model, objective, spec, info, tracking_config=cfg.tracking, run_id=job.run_id, **hooks)
+    model = fine_tune(job, info)
     if not info.is_chief:
         return None
     [top1] = supervised.test_top1(cfg, info.device, model)
@@ -131,14 +52,20 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _finetune_fraction(cfg: PipelineConfig, run_id: str, pretrain: PretrainRecord, fraction: float,
-                       num_classes: int) -> dict[str, Any]:
-    """One fraction in its own MLflow run nested under the stage's ``run_id``; ``{"model_uri", "metrics"}``."""
+                       num_classes: int, earlier: list[str]) -> dict[str, Any]:
+    """One fraction in its own MLflow run nested under the stage's ``run_id``; ``{"model_uri", "metrics"}``. It starts
+    from this fraction's newest loadable checkpoint in the ``earlier`` (FAILED/KILLED) attempts of the stage, if any."""
     labeled_ids = labeled_subset_ids(cfg.data.path, "train", fraction, cfg.data.seed)
     tags = {tracking.STAGE_TAG: FRACTION_STAGE_TAG, tracking.PIPELINE_TAG: cfg.name}
     params = {"label_fraction": fraction, "num_labeled": len(labeled_ids),
               "semi": dataclasses.asdict(cfg.finetune.semi)}
-    with tracking.run(cfg.tracking, f"finetune-{fraction_key(fraction)}", tags, run_id, params) as fraction_run_id:
-        job = FinetuneJob(cfg, fraction_run_id, num_classes, len(labeled_ids), fraction, pretrain.checkpoint_uri)
+    mlflow_name = tracking.nested_run_name(cfg.name, "finetune", fraction_key(fraction))
+    with tracking.run(cfg.tracking, mlflow_name, tags, run_id, params) as fraction_run_id:
+        candidates = resume.nested_attempts(cfg.tracking, earlier, FRACTION_STAGE_TAG,
+                                            {"label_fraction": str(fraction)})
+        point = resume.resume_point(cfg, "finetune", fraction_run_id, candidates, f"finetune fraction {fraction:g}")
+        job = FinetuneJob(cfg, fraction_run_id, num_classes, len(labeled_ids), fraction, pretrain.checkpoint_uri,
+                          None if point is None else point.checkpoint)
         dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size, labeled_only=True,
                              labeled_ids=labeled_ids,  # a small subset is read once, not once per epoch
                              materialize=should_materialize(cfg.data.path, "train", len(labeled_ids)))
@@ -179,7 +106,8 @@ def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> Fin
     pretrain: PretrainRecord = inputs["pretrain"]
     supervised.check_test_split(cfg.data.path)
     num_classes = read_manifest(cfg.data.path)["num_classes"]
-    results = {fraction: _finetune_fraction(cfg, run_id, pretrain, fraction, num_classes)
+    earlier = resume.earlier_attempts(cfg.tracking, run_id)  # their fraction runs' checkpoints resume each fraction
+    results = {fraction: _finetune_fraction(cfg, run_id, pretrain, fraction, num_classes, earlier)
                for fraction in cfg.finetune.fractions}
     per_fraction = {f"test_top1_fraction_{fraction_key(f)}": r["metrics"]["test_top1"] for f, r in results.items()}
     primary = results[cfg.finetune.label_fraction]

@@ -12,6 +12,11 @@ closes its MLflow run, and logs on the stage's run: the best overlay, a results 
 plot of the metric against each searched parameter. Best = Ray's ``ResultGrid.get_best_result`` over each
 trial's last reported metric (ties: the earliest trial). The record's ``config_overlay`` is applied to the
 pretrain stage's config by the DAG.
+
+The same code runs the fine-tune search (stage ``tune_finetune``, ``tune.finetune``; its inputs hold the pretrain
+record): each trial fine-tunes the pretrain checkpoint (``pipelines.finetuning.fit_finetune_trial``) on
+``finetune.label_fraction`` for ``tune.epochs`` and reports ``val_top1`` per epoch; the space is
+``pipelines.config.finetune_search_space``; the best overlay (``{"finetune": {"semi": ...}}``) feeds finetune.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines import tracking
-from pipelines.config import PipelineConfig, search_space
+from pipelines import faults, tracking
+from pipelines.config import PipelineConfig, finetune_search_space, search_space
 from pipelines.datasets import read_manifest
 from pipelines.records import StageRecord, TuneRecord
 
@@ -39,15 +44,24 @@ COMPLETED, STOPPED_EARLY, ERRORED = "completed", "stopped_early", "errored"
 
 
 def trial_overlay(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
-    """What a trial changes in the pipeline config before its sample: short pretraining with kNN every epoch,
-    the tune section's workers, no retries, the search itself off."""
+    """What a trial changes in the pipeline config before its sample: short pretraining (``tune.epochs``, within
+    ``tune.trial_budget_minutes`` when set) with kNN every epoch, the tune section's workers, no retries, the search
+    itself off."""
     t = cfg.tune
     return {
         "tune": {"enabled": False},
-        "pretrain": {"epochs": t.epochs, "knn_every": 1, "checkpoint_every": t.epochs},
+        "pretrain": {"epochs": t.epochs, "knn_every": 1, "checkpoint_every": t.epochs,
+                     "budget_minutes": t.trial_budget_minutes},
         "scaling": {"num_workers": t.num_workers, "cpus_per_worker": t.cpus_per_worker,
                     "gpus_per_worker": t.gpus_per_worker, "use_gpu": t.gpus_per_worker > 0, "max_failures": 0},
     }
+
+
+def finetune_trial_overlay(cfg: PipelineConfig) -> dict[str, dict[str, Any]]:
+    """What a fine-tune trial changes before its sample: ``tune.epochs`` of fine-tuning, checkpointed once, on the
+    tune section's workers, no retries, both searches off."""
+    return {"tune": {"enabled": False, "finetune": False}, "finetune": {"epochs": cfg.tune.epochs},
+            "scaling": trial_overlay(cfg)["scaling"]}
 
 
 def trial_number(trial_id: str) -> int:
@@ -56,22 +70,28 @@ def trial_number(trial_id: str) -> int:
 
 
 def run_trial(sample: dict[str, Any], setup: dict[str, Any]) -> None:
-    """The Tune trainable: one nested MLflow run and one pretraining (``fit_pretraining``) per trial."""
+    """The Tune trainable: one nested MLflow run and one pretraining (``fit_pretraining``) per trial, or one
+    fine-tuning (``fit_finetune_trial``) when ``setup`` holds the pretrain ``checkpoint_uri``."""
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from pipelines.finetuning import fit_finetune_trial
     from pipelines.pretraining import fit_pretraining
 
     trial_id = ray.tune.get_context().get_trial_id()
     number = trial_number(trial_id)
     cfg = PipelineConfig.from_dict(setup["trial_config"]).with_overlay(sample)
     tags = {tracking.STAGE_TAG: TRIAL_STAGE, tracking.TRIAL_TAG: trial_id, tracking.PIPELINE_TAG: cfg.name}
-    run_id = tracking.start_run(cfg.tracking, f"trial-{number:03d}", tags, parent_run_id=setup["tune_run_id"])
+    stage = "tune_finetune" if "checkpoint_uri" in setup else "tune"
+    run_id = tracking.start_run(cfg.tracking, tracking.nested_run_name(cfg.name, stage, f"trial-{number:03d}"), tags,
+                                parent_run_id=setup["tune_run_id"])
     tracking.log_params(cfg.tracking, run_id, sample)
-    if number == cfg.tune.inject_failure_trial:
-        raise RuntimeError(f"injected failure in trial {number} (tune.inject_failure_trial)")
-    fit_pretraining(cfg, run_id, f"tune-{setup['tune_run_id']}-{trial_id}", callbacks=[TuneReportCallback()],
-                    log_model=False)
+    faults.fail_trial(faults.active(), number)  # a test's SSLFLOW_FAULTS (pipelines.faults)
+    train_run = f"tune-{setup['tune_run_id']}-{trial_id}"
+    if stage == "tune_finetune":
+        fit_finetune_trial(cfg, run_id, train_run, setup["checkpoint_uri"], callbacks=[TuneReportCallback()])
+    else:
+        fit_pretraining(cfg, run_id, train_run, callbacks=[TuneReportCallback()], log_model=False)
 
 
 def max_concurrent_trials(cfg: PipelineConfig) -> int:
@@ -124,6 +144,37 @@ def error_reason(error: BaseException | None) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+def trial_state(errored: bool, epochs_reported: int, epochs: int) -> str:
+    """ERRORED for a trial that raised, STOPPED_EARLY for one that reported fewer than ``tune.epochs`` epochs (the
+    scheduler stopped it), else COMPLETED."""
+    return ERRORED if errored else STOPPED_EARLY if epochs_reported < epochs else COMPLETED
+
+
+def trial_state_callback(cfg: PipelineConfig):
+    """A Tune callback (run by the search's driver) that tags a trial's MLflow run with its ``trial_state`` as soon
+    as the trial ends, so the console's trials table shows it during the search; ``close_trial_runs`` ends the runs
+    after the search."""
+    from ray.tune import Callback
+
+    class TagTrialState(Callback):
+        def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+            self._tag(trial, errored=False)
+
+        def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+            self._tag(trial, errored=True)
+
+        @staticmethod
+        def _tag(trial, errored: bool) -> None:
+            epochs = int((trial.last_result or {}).get("training_iteration", 0))
+            found = tracking.search_runs(cfg.tracking, f"tags.`{tracking.TRIAL_TAG}` = '{trial.trial_id}'",
+                                         max_results=1)
+            if found:
+                tracking.set_tags(cfg.tracking, found[0].info.run_id,
+                                  {tracking.TRIAL_STATE_TAG: trial_state(errored, epochs, cfg.tune.epochs)})
+
+    return TagTrialState()
+
+
 def trial_table(results, cfg: PipelineConfig, metric: str, mode: str, searched: list[str]) -> pd.DataFrame:
     """One row per trial, best first (errored and unscored last): number, id, state, last metric, epochs
     reported, the searched values, error, MLflow run id."""
@@ -132,7 +183,7 @@ def trial_table(results, cfg: PipelineConfig, metric: str, mode: str, searched: 
         trial_id = Path(result.path).name
         reported = result.metrics or {}
         epochs = int(reported.get("training_iteration", 0))
-        state = ERRORED if result.error is not None else STOPPED_EARLY if epochs < cfg.tune.epochs else COMPLETED
+        state = trial_state(result.error is not None, epochs, cfg.tune.epochs)
         found = tracking.search_runs(cfg.tracking, f"tags.`{tracking.TRIAL_TAG}` = '{trial_id}'", max_results=1)
         sample = tracking.flatten(result.config)
         rows.append({"trial": trial_number(trial_id), "trial_id": trial_id, "state": state,
@@ -204,13 +255,20 @@ def _log_results(cfg: PipelineConfig, run_id: str, table: pd.DataFrame, searched
 
 
 def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> TuneRecord:
-    """Run the search, record every trial, log the best overlay; raise if every trial failed."""
+    """Run the search, record every trial, log the best overlay; raise if every trial failed. With a pretrain
+    record in ``inputs`` (stage ``tune_finetune``) the trials fine-tune its checkpoint (module docstring)."""
     import ray.tune
 
-    train_rows = read_manifest(cfg.data.path)["splits"]["train"]["rows"]
-    param_space, metric, mode = search_space(cfg, train_rows)
+    pretrain = inputs.get("pretrain")
+    if pretrain is None:
+        train_rows = read_manifest(cfg.data.path)["splits"]["train"]["rows"]
+        param_space, metric, mode = search_space(cfg, train_rows)
+        setup = {"trial_config": cfg.with_overlay(trial_overlay(cfg)).to_dict(), "tune_run_id": run_id}
+    else:
+        param_space, metric, mode = finetune_search_space(cfg)
+        setup = {"trial_config": cfg.with_overlay(finetune_trial_overlay(cfg)).to_dict(), "tune_run_id": run_id,
+                 "checkpoint_uri": pretrain.checkpoint_uri}
     searched = sorted(tracking.flatten(param_space))
-    setup = {"trial_config": cfg.with_overlay(trial_overlay(cfg)).to_dict(), "tune_run_id": run_id}
     trainable = ray.tune.with_resources(ray.tune.with_parameters(run_trial, setup=setup), {"cpu": TRIAL_DRIVER_CPUS})
     tuner = ray.tune.Tuner(
         trainable,
@@ -220,7 +278,8 @@ def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> Tun
             search_alg=_searcher(cfg, metric, mode, max_concurrent_trials(cfg)), scheduler=_scheduler(cfg),
             trial_dirname_creator=lambda trial: trial.trial_id,
         ),
-        run_config=ray.tune.RunConfig(name=f"tune-{run_id}", storage_path=cfg.scaling.storage_path, verbose=0),
+        run_config=ray.tune.RunConfig(name=f"tune-{run_id}", storage_path=cfg.scaling.storage_path, verbose=0,
+                                      callbacks=[trial_state_callback(cfg)]),
     )
     started = time.perf_counter()
     results = tuner.fit()
