@@ -135,7 +135,7 @@ class Registry:
 
     def __init__(self, url: str, name: str) -> None:
         self.config = TrackingConfig(uri=url, experiment="promotion")
-        self.client = MlflowClient(url)
+        self.client = MlflowClient(url, registry_uri=url)  # not the process-wide registry URI an earlier test set
         self.name = name
         tracking.ensure_experiment(self.config)
         self.run_id = tracking.start_run(self.config, "models")
@@ -359,11 +359,11 @@ def test_the_pipeline_gates_on_val_and_reports_test(quickstart_run) -> None:
             logits = model(normalization(image[None].float() / 255))
             correct += int(logits.argmax(dim=1).item() == label.item())
     assert student["val_top1"] == pytest.approx(correct / len(labels), abs=1e-6)
-    version = MlflowClient(cfg.tracking.uri).get_model_version(cfg.registry.model_name, records["register"].version)
+    client = MlflowClient(cfg.tracking.uri, registry_uri=cfg.tracking.uri)  # not an earlier test's registry URI
+    version = client.get_model_version(cfg.registry.model_name, records["register"].version)
     assert float(version.tags["val_top1"]) == pytest.approx(student["val_top1"])
     assert float(version.tags["test_top1"]) == pytest.approx(student["test_top1"])
-    teacher = MlflowClient(cfg.tracking.uri).get_model_version(f"{cfg.registry.model_name}-teacher",
-                                                               records["register"].teacher_version)
+    teacher = client.get_model_version(f"{cfg.registry.model_name}-teacher", records["register"].teacher_version)
     assert float(teacher.tags["val_top1"]) == pytest.approx(student["teacher_val_top1"])
     promoted = records["promote"]
     assert promoted.promoted

@@ -116,7 +116,7 @@ def test_register_stage_logs_the_encoder_onnx_copies_and_descriptions(quickstart
     cfg = quickstart_run.cfg
     name = cfg.registry.model_name
     register = quickstart_run.result.records["register"]
-    client = MlflowClient(cfg.tracking.uri)
+    client = MlflowClient(cfg.tracking.uri, registry_uri=cfg.tracking.uri)  # not an earlier test's registry URI
     run = client.get_run(register.run_id)
     assert sorted(a.path for a in client.list_artifacts(register.run_id, "onnx")) == [
         "onnx/encoder.onnx", "onnx/student.onnx", "onnx/teacher.onnx"]
