@@ -129,7 +129,7 @@ def test_promote_of_an_unknown_model_or_version_names_it(tmp_path: Path, capsys)
     config = pipeline_yaml(tmp_path)
     cfg = load_config(config)
     tracking.ensure_experiment(cfg.tracking)
-    client = MlflowClient(cfg.tracking.uri)
+    client = MlflowClient(cfg.tracking.uri, registry_uri=cfg.tracking.uri)
     client.create_registered_model("known")
     client.create_model_version("known", "runs:/0123456789abcdef/model")
     cases = {
