@@ -208,7 +208,8 @@ def plan(cfg: PipelineConfig, dataset_hash: str | None, force: Iterable[str] = (
             record = None if found is None else stage.record.from_dict(found)
             if isinstance(record, IngestRecord) and (mismatch := _dataset_mismatch(cfg)) is not None:
                 plans.append(StagePlan(stage.name, fp, None, f"run: {mismatch}"))
-            elif isinstance(record, IngestRecord) and record.content_hash != _known_dataset_hash(cfg):
+            elif isinstance(record, IngestRecord) and (  # no mismatch: the manifest is there, the source unchanged
+                    record.content_hash != read_manifest(cfg.data.path)["content_hash"]):
                 plans.append(StagePlan(stage.name, fp, None, f"run: the dataset at {cfg.data.path} is missing or changed"))
             elif record is None:
                 plans.append(StagePlan(stage.name, fp, None, "run: no FINISHED run with this fingerprint"))

@@ -312,8 +312,6 @@ def train(
                 if epoch_metrics is not None:
                     metrics.update(epoch_metrics(epoch + 1, final))
                 log.epoch(rows, metrics)
-                if spec.budget_seconds is not None:  # the console's bar: the projected length, not the cap
-                    log._log([(int(metrics["epoch"]), {EPOCHS_TOTAL: budget.projected_epochs})])
                 if budget.first_epoch_over:
                     print(f"[{spec.stage}] the first epoch alone took {budget_used:.0f} s, over the budget of "
                           f"{spec.budget_seconds:.0f} s: stopped after it (a run has at least one epoch)", flush=True)
@@ -368,4 +366,6 @@ class _EpochLog:
                      for step, values, lr in rows]
         epoch_values = {f"epoch_{name}": value for name, value in metrics.items() if name not in ("epoch", "step")}
         epoch_values[EPOCHS_DONE] = metrics["epoch"]  # what the driver's progress bar reads (pipelines.console)
+        if EPOCHS_PROJECTED in metrics:  # a budgeted run: the bar's length is the projection, not the cap
+            epoch_values[EPOCHS_TOTAL] = metrics[EPOCHS_PROJECTED]
         self._log([*step_rows, (int(metrics["epoch"]), epoch_values)])
