@@ -114,7 +114,7 @@ def fine_tune(job: FinetuneJob, info: WorkerInfo,
     model = pretrained_classifier(job)
     spec = supervised.loop_spec("finetune", epochs=f.epochs, batch_size=f.batch_size, lr=f.lr,
                                 weight_decay=f.weight_decay, rows=job.num_labeled, seed=cfg.data.seed,
-                                world_size=info.world_size)
+                                world_size=info.world_size, storage_path=cfg.scaling.storage_path)
     objective, hooks = finetune_objective(job, model, info, spec)
     trained, _ = train(training_model(model, f.semi), objective, spec, info, tracking_config=cfg.tracking,
                        run_id=job.run_id, resume_from=job.resume_from,

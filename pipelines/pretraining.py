@@ -63,6 +63,7 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
         grad_clip=p.grad_clip, checkpoint_every=p.checkpoint_every, check_every_steps=p.log_every_steps,
         compile=p.compile, nan_at_step=job.faults.pretrain_nan_at_step,
         budget_seconds=None if p.budget_minutes is None else 60 * p.budget_minutes, precision=p.precision,
+        storage_path=cfg.scaling.storage_path,
     )
     monitor = None
     if info.is_chief:

@@ -31,11 +31,13 @@ CHECK_EVERY_STEPS = 50
 
 
 def loop_spec(stage: str, *, epochs: int, batch_size: int, lr: float, weight_decay: float, rows: int, seed: int,
-              world_size: int) -> LoopSpec:
-    """The loop of a supervised stage over ``rows`` rows; a batch that ``rows`` cannot fill shrinks."""
+              world_size: int, storage_path: str | None = None) -> LoopSpec:
+    """The loop of a supervised stage over ``rows`` rows; a batch that ``rows`` cannot fill shrinks;
+    ``storage_path``: ``LoopSpec.storage_path``."""
     plan = batch_plan(rows, batch_size, world_size, f"{stage}.batch_size", shrink=True)
     return LoopSpec(stage=stage, what=stage, epochs=epochs, rows=rows, batch=plan, seed=seed, optimizer=OPTIMIZER,
-                    lr=lr, weight_decay=weight_decay, check_every_steps=CHECK_EVERY_STEPS)
+                    lr=lr, weight_decay=weight_decay, check_every_steps=CHECK_EVERY_STEPS,
+                    storage_path=storage_path)
 
 
 def training_view(image_size: int, normalization: Normalization, device: torch.device) -> View:

@@ -43,9 +43,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from pipelines import tracking
+from pipelines import storage, tracking
 from pipelines.config import TrackingConfig
 from pipelines.console import EPOCHS_DONE, EPOCHS_TOTAL, PROGRESS_STEP, STEPS_PER_EPOCH, StepProgress
+from pipelines.resume import latest_valid_checkpoint
 from ssl_core import optim
 from ssl_core.budget import CALIBRATION_STEPS, EpochBudget
 from ssl_core.device import compile_or_eager, model_to_memory_format
@@ -123,6 +124,9 @@ class LoopSpec:
     """Wall-clock budget (``ssl_core.budget.EpochBudget``, ``epochs`` the cap); None: run ``epochs``."""
     precision: str = "auto"
     """The step's autocast (``ssl_core.training.precision_autocast``)."""
+    storage_path: str | None = None
+    """The Train runs' storage root (``scaling.storage_path``): a restarted worker group resumes from the newest
+    checkpoint under ``<storage_path>/<Train run name>`` that loads (``load_checkpoint_state``)."""
 
     @property
     def total_steps(self) -> int:
@@ -139,9 +143,23 @@ def _from_rank0(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def load_checkpoint_state(resume_from: str | None = None) -> dict[str, Any] | None:
-    """The state saved in the latest Ray Train checkpoint of this run; without one, that of the checkpoint folder
-    ``resume_from`` (path or URI: an earlier attempt's, chosen by ``pipelines.resume``); None on a fresh start."""
+def load_checkpoint_state(resume_from: str | None = None, storage_path: str | None = None,
+                          warn: Callable[[str], None] = print) -> dict[str, Any] | None:
+    """The state to start from, the first that exists of:
+
+    1. the newest checkpoint of this Train run under ``<storage_path>/<run name>`` that loads
+       (``pipelines.resume.latest_valid_checkpoint``; each one that does not load goes to ``warn``). It is written
+       before ``ray.train.report`` returns but registered by Ray's controller only when it next polls the workers,
+       so a worker group lost in between restarts with ``ray.train.get_checkpoint()`` one checkpoint behind;
+    2. Ray's latest registered checkpoint of this run (``storage_path`` None, or nothing there loads);
+    3. the checkpoint folder ``resume_from`` (path or URI: an earlier attempt's, chosen by ``pipelines.resume``);
+
+    None on a fresh start."""
+    if storage_path is not None:
+        run_folder = storage.locate(storage_path).child(ray.train.get_context().get_experiment_name())
+        found = latest_valid_checkpoint(run_folder, warn)
+        if found is not None:
+            return found[1]
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and resume_from is not None:
         checkpoint = ray.train.Checkpoint(resume_from)
@@ -222,7 +240,11 @@ def train(
     ensemble, mean teacher, step); every rank's ``state_dict()`` is checkpointed (``gather_states``) and each rank
     restores its own.
     """
-    state = load_checkpoint_state(resume_from)
+    def warn(message: str) -> None:
+        if info.is_chief:
+            print(f"[{spec.stage}] warning: {message}", flush=True)
+
+    state = load_checkpoint_state(resume_from, spec.storage_path, warn)
     if state is not None:
         model.load_state_dict(state["model"])
     model = model_to_memory_format(model, info.device)

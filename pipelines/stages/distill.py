@@ -98,7 +98,7 @@ def train_func(values: dict[str, Any]) -> dict[str, Any] | None:
     view = supervised.training_view(cfg.data.image_size, normalization, info.device)
     spec = supervised.loop_spec("distill", epochs=d.epochs, batch_size=d.batch_size, lr=d.lr,
                                 weight_decay=d.weight_decay, rows=job.train_rows, seed=cfg.data.seed,
-                                world_size=info.world_size)
+                                world_size=info.world_size, storage_path=cfg.scaling.storage_path)
     student, _ = train(student, distillation_objective(teacher, view, d.temperature, d.labeled_loss_weight), spec,
                        info, tracking_config=cfg.tracking, run_id=job.run_id, resume_from=job.resume_from)
     if not info.is_chief:
