@@ -6,7 +6,8 @@
 A stage is the function ``run(cfg, run_id, inputs) -> <its record>`` of ``pipelines.stages.<name>``, where
 ``inputs`` maps each upstream stage to its record (``pipelines.records``). ``tune`` runs only when
 ``tune.enabled``; its record's ``config_overlay`` (the best hyperparameters found) is applied to the config of
-the stages that consume it (``pretrain``). ``tune_finetune`` (``tune.finetune``) searches ``finetune.semi`` with
+the stages that consume it (``pretrain``), and through the ``PretrainRecord`` to those downstream of pretrain,
+which rebuild its method. ``tune_finetune`` (``tune.finetune``) searches ``finetune.semi`` with
 fine-tune trials from the pretrain checkpoint, and its overlay is applied to ``finetune``.
 
 Each stage is one ``@ray.remote`` call that receives its upstream stages' records (ObjectRefs, resolved by Ray),
@@ -228,13 +229,14 @@ def plan(cfg: PipelineConfig, dataset_hash: str | None, force: Iterable[str] = (
 def execute_stage(stage_name: str, config: dict[str, Any], fingerprint_value: str, pipeline_run_id: str,
                   *upstream_records: StageRecord, force: bool = False) -> StageRecord:
     """Run one stage in its own MLflow run nested under the pipeline's; returns its record with ``run_id`` and
-    ``fingerprint``. An upstream ``TuneRecord``'s overlay is applied to this stage's config. ``force``: the stage
+    ``fingerprint``. The overlay of an upstream ``TuneRecord`` (the best trial's) or ``PretrainRecord`` (the one
+    its pretraining ran with) is applied to this stage's config. ``force``: the stage
     was named by ``--force`` (``Stage.run``)."""
     cfg = PipelineConfig.from_dict(config)
     stage = stages_for(cfg)[stage_name]
     inputs = dict(zip(stage.upstream, upstream_records))
     for record in inputs.values():
-        if isinstance(record, TuneRecord):
+        if isinstance(record, (TuneRecord, PretrainRecord)) and record.config_overlay:
             cfg = cfg.with_overlay(record.config_overlay)
     tags = {
         tracking.STAGE_TAG: stage_name,

@@ -60,6 +60,10 @@ class PretrainRecord(StageRecord):
 
     encoder_uri: str | None = None
     checkpoint_uri: str | None = None
+    config_overlay: dict[str, Any] = field(default_factory=dict)
+    """The tune stage's overlay this pretraining ran with (empty without tune). The DAG applies it to the stages
+    downstream, as a ``TuneRecord``'s: those that rebuild the method to load the checkpoint (evaluate, finetune,
+    tune_finetune) need the shapes it was trained with (e.g. a searched MoCo ``queue_size``)."""
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -140,11 +140,13 @@ def _last_metric(uri: str, run_id: str, name: str) -> float:
 def test_search_records_trials_survives_an_errored_one_and_feeds_pretrain(ray_session, tmp_path: Path,
                                                                           data_path: Path, capsys,
                                                                           monkeypatch) -> None:
-    """3 MoCo trials over queue size and temperature, 2 epochs, ASHA; trial 2 fails on purpose (SSLFLOW_FAULTS)."""
+    """3 MoCo trials over queue size and temperature, 2 epochs, ASHA; trial 2 fails on purpose (SSLFLOW_FAULTS).
+    The configured queue (128) is not among the choices, so the fine-tune after the search loads a checkpoint
+    whose queue has another size, which it can only do with the searched config."""
     monkeypatch.setenv(FAULTS_ENV, '{"tune_fail_trial": 2}')
     values = tiny_tune_pipeline(tmp_path, data_path, "moco", {"queue_size": 128}, {
         "num_samples": 3, "epochs": 2, "scheduler": "asha", "grace_period": 1, "reduction_factor": 2,
-        "bounds": {"queue_size": {"choice": [64, 128, 256, 512]}, "temperature": {"loguniform": [0.05, 0.5]},
+        "bounds": {"queue_size": {"choice": [64, 256, 512]}, "temperature": {"loguniform": [0.05, 0.5]},
                    "momentum": {"uniform": [0.9, 0.99]}},
     })
     cfg = config_from_mapping(values)
@@ -191,9 +193,16 @@ def test_search_records_trials_survives_an_errored_one_and_feeds_pretrain(ray_se
     assert pretrain_run.data.tags[tracking.UPSTREAM_TAG] == (
         f'{{"ingest": "{stages["ingest"].info.run_id}", "tune": "{tune_run.info.run_id}"}}')
 
-    # a second run reuses the search and the pretraining that consumed it; `sslflow tune` prints its table
-    again = run_pipeline(cfg, until="pretrain")
+    # a second run reuses the search and the pretraining that consumed it, and fine-tunes the searched method
+    values["evaluate"] = {"linear_probe_epochs": 1}
+    values["finetune"].update(epochs=1, batch_size=32)
+    cfg = config_from_mapping(values)
+    again = run_pipeline(cfg, until="finetune")
     assert {p.name for p in again.plan if p.reused is not None} == {"ingest", "tune", "pretrain"}
+    assert again.records["pretrain"].config_overlay == record.config_overlay
+    finetuned = MlflowClient(uri).get_run(again.records["finetune"].run_id)
+    assert finetuned.info.status == "FINISHED"
+    # `sslflow tune` prints the search's table
     config_file = tmp_path / "moco.yaml"
     config_file.write_text(yaml.safe_dump(values))
     capsys.readouterr()

@@ -14,7 +14,7 @@ from pipelines import resume, tracking
 from pipelines.config import PipelineConfig
 from pipelines.pretraining import fit_pretraining
 from pipelines.ray_train import train_run_name
-from pipelines.records import PretrainRecord, StageRecord
+from pipelines.records import PretrainRecord, StageRecord, TuneRecord
 from pipelines.train_loop import CHECKPOINT_FILE
 
 
@@ -28,4 +28,6 @@ def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> Pre
             checkpoint_uri = tracking.log_artifact(cfg.tracking, run_id, Path(directory) / CHECKPOINT_FILE,
                                                    "checkpoints")
     outcome = result.return_value
-    return PretrainRecord(metrics=outcome["metrics"], encoder_uri=outcome["encoder_uri"], checkpoint_uri=checkpoint_uri)
+    overlay = next((record.config_overlay for record in inputs.values() if isinstance(record, TuneRecord)), {})
+    return PretrainRecord(metrics=outcome["metrics"], encoder_uri=outcome["encoder_uri"], checkpoint_uri=checkpoint_uri,
+                          config_overlay=overlay)
