@@ -7,11 +7,13 @@ Keys (each optional; an unknown key or a wrong type raises ``ValueError`` naming
 
 - ``pretrain_hold_at_step`` (int, 0-based): every Ray Train worker of a pretraining sleeps ``hold_seconds`` (default
   300) after the optimizer step of that number, once per Train run and rank: it first writes the file
-  ``<Train run name>.hold.rank<N>`` in ``once_dir`` (a LOCAL folder, required with this key), which tells a test
-  that the run is parked mid-epoch (to kill its driver or a worker there) and keeps a restarted worker group from
-  holding again.
+  ``<Train run name>.hold.step.rank<N>`` in ``once_dir`` (a LOCAL folder, required with this key), which tells a
+  test that the run is parked mid-epoch (to kill its driver or a worker there) and keeps a restarted worker group
+  from holding again.
 - ``pretrain_hold_at_epoch`` (int, 1-based): the same at the start of that epoch (after the previous epoch's
-  checkpoint), for a test that cannot know the number of steps per epoch in advance.
+  checkpoint; marker ``<Train run name>.hold.epoch.rank<N>``), for a test that cannot know the number of steps per
+  epoch in advance. With both keys a run holds twice (e.g. a worker killed at the first hold, the driver at the
+  second).
 - ``pretrain_nan_at_step`` (int, 0-based): the batch of that pretraining step is made NaN (the non-finite guard).
 - ``tune_fail_trial`` (int): the Tune trial of that number raises before it trains.
 
@@ -83,13 +85,14 @@ def runtime_env() -> dict[str, Any] | None:
     return {"env_vars": {FAULTS_ENV: text}} if text else None
 
 
-def hold_marker(faults: Faults, train_run_name: str, rank: int) -> Path:
-    """The file a worker of ``rank`` writes when it starts holding (``pretrain_hold_at_step`` / ``_epoch``)."""
-    return Path(faults.once_dir) / f"{train_run_name}.hold.rank{rank}"
+def hold_marker(faults: Faults, train_run_name: str, rank: int, kind: str) -> Path:
+    """The file a worker of ``rank`` writes when it starts holding: ``kind`` "step" (``pretrain_hold_at_step``) or
+    "epoch" (``pretrain_hold_at_epoch``)."""
+    return Path(faults.once_dir) / f"{train_run_name}.hold.{kind}.rank{rank}"
 
 
-def _hold(faults: Faults, train_run_name: str, rank: int, where: str) -> None:
-    marker = hold_marker(faults, train_run_name, rank)
+def _hold(faults: Faults, train_run_name: str, rank: int, kind: str, where: str) -> None:
+    marker = hold_marker(faults, train_run_name, rank, kind)
     if marker.exists():
         return
     marker.parent.mkdir(parents=True, exist_ok=True)
@@ -101,14 +104,14 @@ def hold_at_step(faults: Faults, train_run_name: str, step: int, rank: int) -> N
     """``pretrain_hold_at_step``: after that optimizer step (0-based), write ``hold_marker`` and sleep
     ``hold_seconds``, once per Train run and rank."""
     if faults.pretrain_hold_at_step is not None and step == faults.pretrain_hold_at_step:
-        _hold(faults, train_run_name, rank, f"after step {step}")
+        _hold(faults, train_run_name, rank, "step", f"after step {step}")
 
 
 def hold_at_epoch(faults: Faults, train_run_name: str, epoch: int, rank: int) -> None:
     """``pretrain_hold_at_epoch``: at the start of that 1-based epoch (``epoch`` is 0-based, as the loop's
     ``before_epoch`` passes it), as ``hold_at_step``."""
     if faults.pretrain_hold_at_epoch is not None and epoch + 1 == faults.pretrain_hold_at_epoch:
-        _hold(faults, train_run_name, rank, f"at the start of epoch {epoch + 1}")
+        _hold(faults, train_run_name, rank, "epoch", f"at the start of epoch {epoch + 1}")
 
 
 def fail_trial(faults: Faults, number: int) -> None:

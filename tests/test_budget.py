@@ -111,14 +111,14 @@ def test_a_tune_trial_pretrains_within_the_trial_budget_not_the_pretrain_one() -
 @pytest.mark.slow
 def test_a_budgeted_two_worker_pretraining_stops_together_and_logs_the_budget(ray_session, tmp_path: Path) -> None:
     """A budget far below one epoch: both workers stop after epoch 1 of 5 (a rank that went on would hang the run
-    at its next report), the schedules span that one epoch, and the run logs what it used."""
+    at its next report), the schedules span that one epoch, and the run logs what it used. The method is rotation
+    (no projection head): its per-step ``StepOutput.logs`` reach MLflow at every step."""
     data = tmp_path / "digits"
     ingest("builtin:digits", data)
     cfg = config_from_mapping({
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "artifact_location": str(tmp_path / "artifacts")},
         "data": {"path": str(data), "image_size": 16},
-        "method": {"name": "simclr", "config": {"backbone": "resnet8", "projection_hidden_dim": 16,
-                                                 "projection_dim": 8}},
+        "method": {"name": "rotation", "config": {"backbone": "resnet8", "hidden_dim": 16}},
         "scaling": {"num_workers": 2, "cpus_per_worker": 0.5, "storage_path": str(tmp_path / "runs")},
         "pretrain": {"epochs": 5, "batch_size": 128, "optimizer": "adamw", "lr": 2e-3, "warmup_epochs": 1,
                      "budget_minutes": 0.0005, "knn_every": 100, "log_every_steps": 2},
@@ -129,7 +129,7 @@ def test_a_budgeted_two_worker_pretraining_stops_together_and_logs_the_budget(ra
     client = MlflowClient(cfg.tracking.uri)
     history = {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
                for key in ("lr", "epochs_done", "epochs_total", "epoch_budget_used_s", "epoch_epochs_projected",
-                           "epoch_knn_top1")}
+                           "epoch_knn_top1", "rotation_accuracy")}
     steps_per_epoch = read_manifest(data)["splits"]["train"]["rows"] // 256
     assert [value for _, value in history["epochs_done"]] == [1]
     assert len(history["lr"]) == steps_per_epoch
@@ -137,3 +137,5 @@ def test_a_budgeted_two_worker_pretraining_stops_together_and_logs_the_budget(ra
     assert history["epoch_budget_used_s"][0][1] > 0.03  # the first epoch alone was over the 0.03 s budget
     assert history["lr"][-1][1] < 0.2 * 2e-3  # cosine to 0 over the 1 projected epoch, not the 5 configured
     assert history["epoch_knn_top1"]  # the monitor runs on the final epoch even off its knn_every
+    accuracy = history["rotation_accuracy"]  # a method's own per-step logs, at every step
+    assert [s for s, _ in accuracy] == list(range(steps_per_epoch)) and all(0.0 <= v <= 1.0 for _, v in accuracy)

@@ -343,7 +343,7 @@ def test_pipeline_on_two_node_cluster_with_mlflow_server_survives_a_lost_node(re
         def pretrain_mid_way():
             if first.poll() is not None:
                 raise AssertionError(f"job 1 ended before pretrain was interrupted:\n{cluster.log('job1')[-6000:]}")
-            if len(list(once_dir.glob("pretrain-*.hold.rank*"))) < 2:
+            if len(list(once_dir.glob("pretrain-*.hold.epoch.rank*"))) < 2:
                 return None  # not both workers parked after epoch 1's checkpoint yet
             runs = _runs(client, f"tags.`{tracking.STAGE_TAG}` = 'pretrain' and attributes.status = 'RUNNING'")
             if runs and {tracking.node_tag(0), tracking.node_tag(1)} <= set(runs[0].data.tags):

@@ -1,9 +1,10 @@
-"""Work an earlier run left unfinished, on real Ray and real MLflow: a killed driver's pretraining resumes from its
-last checkpoint that loads, a killed Ray Train worker is replaced and resumes with the checkpoint's weights, runs a
-dead driver left RUNNING end KILLED, and a finished stage whose artifacts are gone is not reused.
+"""Work an earlier run left unfinished, on real Ray and real MLflow: a killed Ray Train worker is replaced and
+resumes with the checkpoint's weights, a killed driver's pretraining resumes from its last checkpoint that loads,
+runs a dead driver left RUNNING end KILLED, and a finished stage whose artifacts are gone is not reused.
 
-The faults come from ``SSLFLOW_FAULTS`` (``pipelines.faults``): ``pretrain_hold_at_step`` parks every worker after
-a given step, mid-epoch, so that a test kills the driver or a worker there, not at a moment chosen by timing.
+The faults come from ``SSLFLOW_FAULTS`` (``pipelines.faults``): ``pretrain_hold_at_step`` / ``_epoch`` park every
+worker after a given step or at the start of an epoch, so that a test kills the driver or a worker there, not at a
+moment chosen by timing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import signal
 import sqlite3
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +36,8 @@ LOSS_TOLERANCE = 0.08
 """Relative tolerance between a resumed run's per-epoch loss and an independent uninterrupted run's with the same
 seed: a sanity bound only. Two uninterrupted runs are not bit-identical (measured on this shared 2-core machine:
 up to 4.4% apart at epoch 1 and 4.8% at epoch 3); a run that restarted from a fresh model would sit near epoch 1's
-loss, 9-11% above epoch 3's. The strict check of the restored state is ``test_a_killed_driver...``'s: from the same
-epoch-2 checkpoint, the resumed epoch 3 repeats the killed run's epoch-3 loss to the last bit (measured: equal)."""
+loss, 9-11% above epoch 3's. The strict check of the restored state: from the same epoch-2 checkpoint, the driver's
+rerun repeats the epoch-3 loss of the worker group that Ray Train restarted, to the last bit (measured: equal)."""
 
 
 # ------------------------------------------------------------------------------------------------ without Ray
@@ -63,7 +63,15 @@ def test_faults_come_from_the_environment_and_are_parsed_strictly(tmp_path: Path
     faults.hold_at_step(hold, "pretrain-x", 4, 0)
     assert not (tmp_path / "f").exists()
     faults.hold_at_step(hold, "pretrain-x", 5, 1)
-    assert [p.name for p in (tmp_path / "f").iterdir()] == ["pretrain-x.hold.rank1"]
+    assert [p.name for p in (tmp_path / "f").iterdir()] == ["pretrain-x.hold.step.rank1"]
+    # a run may hold twice: at a step, then at an epoch's start, each with its own marker
+    both = faults.parse(json.dumps({"pretrain_hold_at_step": 5, "pretrain_hold_at_epoch": 2, "hold_seconds": 0,
+                                    "once_dir": str(tmp_path / "g")}))
+    faults.hold_at_step(both, "pretrain-y", 5, 0)
+    faults.hold_at_epoch(both, "pretrain-y", 0, 0)  # epoch 1: no hold
+    faults.hold_at_epoch(both, "pretrain-y", 1, 0)
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["pretrain-y.hold.epoch.rank0",
+                                                                 "pretrain-y.hold.step.rank0"]
 
 
 def _tracking_cfg(tmp_path: Path):
@@ -173,14 +181,10 @@ def _wait(what: str, condition, timeout: float, process: subprocess.Popen | None
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _holding(once_dir: Path, world_size: int):
-    """Every worker parked by ``pretrain_hold_at_step``: the Train run name (``pretrain-<run id>``)."""
-    markers = list(once_dir.glob("*.hold.rank*")) if once_dir.exists() else []
+def _holding(once_dir: Path, world_size: int, kind: str):
+    """Every worker parked by ``pretrain_hold_at_<kind>``: the Train run name (``pretrain-<run id>``)."""
+    markers = list(once_dir.glob(f"*.hold.{kind}.rank*")) if once_dir.exists() else []
     return markers[0].name.split(".hold.")[0] if len(markers) == world_size else None
-
-
-def _hold_faults(once_dir: Path, step: int) -> str:
-    return json.dumps({"pretrain_hold_at_step": step, "once_dir": str(once_dir)})
 
 
 @dataclass(frozen=True)
@@ -211,12 +215,26 @@ def _assert_losses_match(resumed: list[tuple[int, float]], reference: Uninterrup
         assert loss == pytest.approx(expected[epoch], rel=LOSS_TOLERANCE), (epoch, resumed, reference.epoch_loss)
 
 
+def _ray_train_worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    return [actor.pid for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+                                                        ("state", "=", "ALIVE")])]
+
+
 @pytest.mark.slow
-def test_a_killed_driver_resumes_pretraining_from_its_last_checkpoint_that_loads(ray_session, uninterrupted,
-                                                                                tmp_path: Path) -> None:
-    """SIGKILL of `sslflow run` mid-way through pretrain's 4th epoch (checkpoints of epochs 2 and 3 kept); the
-    newest one is truncated; the rerun closes the dead runs, falls back to epoch 2 and its epochs 3-4 match the
-    uninterrupted run."""
+def test_a_killed_worker_then_a_killed_driver_resume_pretraining_from_checkpoints_that_load(ray_session,
+                                                                                          uninterrupted,
+                                                                                          tmp_path: Path) -> None:
+    """One `sslflow run` of 4 epochs (checkpoints every epoch, 2 kept), two faults:
+
+    1. SIGKILL of a RayTrainWorker mid-epoch 3: Ray Train restarts the worker group (max_failures 1), which resumes
+       from the epoch-2 checkpoint and trains epoch 3 again;
+    2. SIGKILL of the driver at the start of epoch 4 (checkpoints of epochs 2 and 3 kept); the newest is truncated.
+
+    The rerun closes the dead runs, falls back to epoch 2 and repeats the restarted group's epoch 3 exactly; both
+    resumed epochs match the uninterrupted run, which a resume without the checkpoint's weights or optimizer state
+    would not."""
     from pipelines.dag import run_pipeline
 
     values = _pretrain_values(tmp_path)
@@ -226,18 +244,32 @@ def test_a_killed_driver_resumes_pretraining_from_its_last_checkpoint_that_loads
     tracking.ensure_experiment(cfg.tracking)
     steps = uninterrupted.steps_per_epoch
     once_dir = tmp_path / "faults"
+    hold = {"pretrain_hold_at_step": 2 * steps + steps // 2, "pretrain_hold_at_epoch": 4, "once_dir": str(once_dir)}
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           faults.FAULTS_ENV: _hold_faults(once_dir, 3 * steps + steps // 2)}
+           faults.FAULTS_ENV: json.dumps(hold)}
     log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(config_path)], cwd=tmp_path, env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        train_run = _wait("pretrain to hold mid-epoch 4", lambda: _holding(once_dir, 2), 240, driver)
+        _wait("pretrain to hold mid-epoch 3", lambda: _holding(once_dir, 2, "step"), 240, driver)
+        pids = _ray_train_worker_pids()
+        assert len(pids) == 2, pids
+        os.kill(pids[-1], signal.SIGKILL)
+        train_run = _wait("the restarted workers to hold at epoch 4", lambda: _holding(once_dir, 2, "epoch"), 240,
+                          driver)
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     killed = _stage_run(cfg, "pretrain")
     assert train_run == f"pretrain-{killed.info.run_id}" and killed.info.status == "RUNNING"
+    # the restarted group: from epoch 2's checkpoint, epoch 3 once in the history, no step repeated or skipped
+    assert _history(cfg, killed.info.run_id, "resumed_from_epoch") == [(2 * steps, 2.0)]
+    assert [s for s, _ in _history(cfg, killed.info.run_id, "train_loss")] == list(range(3 * steps)), \
+        "steps restarted or repeated"
+    killed_losses = _history(cfg, killed.info.run_id, "epoch_loss")
+    assert [epoch for epoch, _ in killed_losses] == [1, 2, 3]
+    _assert_losses_match(killed_losses[2:], uninterrupted)
+
     folders = sorted(path for path in (tmp_path / "runs" / train_run).glob("checkpoint_*") if path.is_dir())
     assert [torch.load(f / CHECKPOINT_FILE, weights_only=True)["epoch"] for f in folders[-2:]] == [2, 3]
     newest = folders[-1] / CHECKPOINT_FILE
@@ -256,55 +288,9 @@ def test_a_killed_driver_resumes_pretraining_from_its_last_checkpoint_that_loads
     assert [s for s, _ in _history(cfg, rerun, "train_loss")] == list(range(2 * steps, EPOCHS * steps))
     losses = _history(cfg, rerun, "epoch_loss")
     assert [epoch for epoch, _ in losses] == [3, 4]
-    # Epoch 3 again from the killed run's epoch-2 state (model, optimizer, step, RNG): the killed run's loss, exactly.
-    killed_losses = dict(_history(cfg, killed.info.run_id, "epoch_loss"))
-    assert losses[0][1] == pytest.approx(killed_losses[3], rel=1e-6), (losses, killed_losses)
+    # Epoch 3 again from the same epoch-2 state (model, optimizer, step, RNG): the restarted group's loss, exactly.
+    assert losses[0][1] == pytest.approx(dict(killed_losses)[3], rel=1e-6), (losses, killed_losses)
     _assert_losses_match(losses, uninterrupted)
-
-
-def _ray_train_worker_pids() -> list[int]:
-    from ray.util.state import list_actors
-
-    return [actor.pid for actor in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
-                                                        ("state", "=", "ALIVE")])]
-
-
-@pytest.mark.slow
-def test_a_killed_train_worker_is_replaced_and_resumes_with_the_checkpoint_weights(ray_session, uninterrupted,
-                                                                                  tmp_path: Path,
-                                                                                  monkeypatch) -> None:
-    """SIGKILL of a RayTrainWorker process mid-epoch 3: Ray Train restarts the worker group (max_failures 1), the
-    loop resumes from the epoch-2 checkpoint; its epochs 3-4 match the uninterrupted run, which a resume without
-    the checkpoint's weights (or optimizer state) would not."""
-    from pipelines.dag import run_pipeline
-
-    values = _pretrain_values(tmp_path)
-    cfg = config_from_mapping(values, base=tmp_path)
-    steps = uninterrupted.steps_per_epoch
-    once_dir = tmp_path / "faults"
-    monkeypatch.setenv(faults.FAULTS_ENV, _hold_faults(once_dir, 2 * steps + steps // 2))
-    killed: list[int] = []
-
-    def kill_a_worker() -> None:
-        _wait("pretrain to hold mid-epoch 3", lambda: _holding(once_dir, 2), 240)
-        pids = _ray_train_worker_pids()
-        assert len(pids) == 2, pids
-        os.kill(pids[-1], signal.SIGKILL)
-        killed.append(pids[-1])
-
-    killer = threading.Thread(target=kill_a_worker, daemon=True)
-    killer.start()
-    result = run_pipeline(cfg, until="pretrain")
-    killer.join(timeout=5)
-    assert len(killed) == 1, "no worker was killed"
-    run_id = result.records["pretrain"].run_id
-    assert MlflowClient(cfg.tracking.uri).get_run(run_id).info.status == "FINISHED"
-    assert _history(cfg, run_id, "resumed_from_epoch") == [(2 * steps, 2.0)]
-    assert [s for s, _ in _history(cfg, run_id, "train_loss")] == list(range(EPOCHS * steps)), \
-        "steps restarted or repeated"
-    losses = _history(cfg, run_id, "epoch_loss")
-    assert [epoch for epoch, _ in losses] == [1, 2, 3, 4]
-    _assert_losses_match(losses[2:], uninterrupted)  # the epochs after the resume
     assert result.records["pretrain"].metrics["step"] == EPOCHS * steps
 
 
@@ -333,7 +319,7 @@ def test_ctrl_c_ends_the_runs_killed_prints_one_line_and_exits_130(ray_session, 
     driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(config_path)], cwd=tmp_path, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _wait("pretrain to hold at epoch 2", lambda: _holding(once_dir, 2), 240, driver)
+        _wait("pretrain to hold at epoch 2", lambda: _holding(once_dir, 2, "epoch"), 240, driver)
         os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C sends: the terminal's foreground process group
         stdout, stderr = driver.communicate(timeout=60)
     finally:
