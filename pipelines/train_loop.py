@@ -2,8 +2,9 @@
 
 ``train(model, objective, spec, info, ...)``:
 
-- resume: the latest Ray Train checkpoint of this run restores the model, the optimizer, the epoch and the step
-  (schedules and RNG are functions of the step and the epoch, so the run continues as if never stopped);
+- resume: the newest checkpoint of this Train run that loads (``load_checkpoint_state``) restores the model, the
+  optimizer, the epoch and the step (schedules and RNG are functions of the step and the epoch, so the run
+  continues as if never stopped);
 - per epoch: stream this worker's ``"train"`` dataset shard (same number of full batches on every worker), one
   ``ssl_core.training.TrainStep`` of the stage's ``objective`` per batch, the non-finite loss guard checked every
   ``check_every_steps``;
