@@ -11,13 +11,12 @@ stage starts a new Train run. ``earlier_attempts`` are the runs of the same stag
 not finish (FAILED or KILLED; a RUNNING one belongs to a live driver), newest first; ``resume_point`` looks for the
 newest checkpoint under ``storage_path/<their Train run name>`` that loads (``torch.load``): a corrupt or truncated
 one is skipped with a warning naming its file, and the previous kept one is tried. The worker loop then starts
-from it when its own Train run has no checkpoint yet (``pipelines.train_loop``): model (with the method's EMA
+from it when its own Train run has no checkpoint yet (``pipelines.train_loop``, ``pipelines.checkpoints``): model (with the method's EMA
 teacher, queue and centers), optimizer, epoch and step; schedules and RNG are functions of the step and epoch.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import socket
@@ -25,9 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from pipelines import storage, tracking
+from pipelines.checkpoints import latest_valid_checkpoint
 from pipelines.config import PipelineConfig, TrackingConfig
 
 DRIVER_TAG = "sslflow.driver"
@@ -35,8 +33,6 @@ DRIVER_TAG = "sslflow.driver"
 KILLED_REASON_TAG = "sslflow.killed_reason"
 RESUMED_FROM_TAG = "sslflow.resumed_from"
 """On a stage (or fine-tuning fraction) run: JSON ``{"run_id", "epoch", "checkpoint"}`` it resumed from."""
-CHECKPOINT_PREFIX = "checkpoint_"
-"""Ray Train names each checkpoint folder ``checkpoint_<timestamp>`` (the names sort by time)."""
 MAX_EARLIER_ATTEMPTS = 10
 
 
@@ -141,30 +137,6 @@ class ResumePoint:
     checkpoint: str
     epoch: int
     step: int
-
-
-def latest_valid_checkpoint(train_run: storage.Location,
-                            warn: Callable[[str], None]) -> tuple[str, dict] | None:
-    """``(folder URI, saved state)`` of the newest ``checkpoint_*/checkpoint.pt`` under the Ray Train run folder
-    ``train_run`` that ``torch.load`` reads (``weights_only``); each one that does not load is reported to ``warn``
-    with its file and the error. None when there is none that loads."""
-    from pipelines.train_loop import CHECKPOINT_FILE  # the DAG imports this module: Ray Train only when resuming
-
-    names = storage.list_names(train_run)
-    folders = sorted({name.split("/")[0] for name in names  # folders only: not checkpoint_manager_snapshot.json
-                      if name.startswith(CHECKPOINT_PREFIX) and "/" in name}, reverse=True)
-    for folder in folders:
-        location = train_run.child(f"{folder}/{CHECKPOINT_FILE}")
-        try:
-            with location.filesystem.open_input_stream(location.path) as stream:
-                state = torch.load(io.BytesIO(stream.read()), map_location="cpu", weights_only=True)
-            epoch, step = int(state["epoch"]), int(state["step"])
-        except Exception as error:  # any unreadable checkpoint (truncated zip, missing file, no epoch) is skipped
-            warn(f"checkpoint {location.uri} does not load ({type(error).__name__}: "
-                 f"{str(error).splitlines()[0] if str(error) else ''}): trying the previous one")
-            continue
-        return train_run.child(folder).uri, {**state, "epoch": epoch, "step": step}
-    return None
 
 
 def resume_point(cfg: PipelineConfig, train_stage: str, run_id: str, candidates: list[str], what: str,

@@ -47,13 +47,12 @@ from torch import nn
 from pipelines import storage, tracking
 from pipelines.config import TrackingConfig
 from pipelines.console import EPOCHS_DONE, EPOCHS_TOTAL, PROGRESS_STEP, STEPS_PER_EPOCH, StepProgress
-from pipelines.resume import latest_valid_checkpoint
+from pipelines.checkpoints import CHECKPOINT_FILE, latest_valid_checkpoint
 from ssl_core import optim
 from ssl_core.budget import CALIBRATION_STEPS, EpochBudget
 from ssl_core.device import compile_or_eager, model_to_memory_format
 from ssl_core.training import BatchPlan, Objective, TrainStep, seed_epoch
 
-CHECKPOINT_FILE = "checkpoint.pt"
 EPOCHS_PROJECTED = "epochs_projected"
 """Per-epoch metric of a budgeted run: the epochs its schedules now span (``ssl_core.budget.EpochBudget``)."""
 
@@ -149,7 +148,7 @@ def load_checkpoint_state(resume_from: str | None = None, storage_path: str | No
     """The state to start from, the first that exists of:
 
     1. the newest checkpoint of this Train run under ``<storage_path>/<run name>`` that loads
-       (``pipelines.resume.latest_valid_checkpoint``; each one that does not load goes to ``warn``). It is written
+       (``pipelines.checkpoints.latest_valid_checkpoint``; each one that does not load goes to ``warn``). It is written
        before ``ray.train.report`` returns but registered by Ray's controller only when it next polls the workers,
        so a worker group lost in between restarts with ``ray.train.get_checkpoint()`` one checkpoint behind;
     2. Ray's latest registered checkpoint of this run (``storage_path`` None, or nothing there loads);
