@@ -19,9 +19,15 @@ everything (the job log is read with `ray job logs`, not watched on a terminal).
 def _init_ray() -> None:
     """Join the cluster named by RAY_ADDRESS (or the one this job was submitted to), else start a local Ray whose
     workers run at the driver's priority (``pipelines.ray_train.init_ray``). With its dashboard: Ray Train frees the
-    workers of a Tune trial stopped early through the state API it serves."""
+    workers of a Tune trial stopped early through the state API it serves. A local Ray is watched by
+    ``pipelines.guardian``: if this process dies without shutting it down (``kill -9``), nothing it started lingers."""
+    import ray
+
+    from pipelines import guardian
     from pipelines.ray_train import init_ray
 
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS") and RAY_JOB_ENV not in os.environ:
+        guardian.start(os.getpid())
     init_ray(log_to_driver=True, include_dashboard=True)
 
 
