@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import yaml
@@ -215,6 +216,17 @@ def _assert_losses_match(resumed: list[tuple[int, float]], reference: Uninterrup
         assert loss == pytest.approx(expected[epoch], rel=LOSS_TOLERANCE), (epoch, resumed, reference.epoch_loss)
 
 
+def _descendants(pid: int) -> dict[psutil.Process, str]:
+    """The live descendants of ``pid`` and their titles (``ray::RayTrainWorker...``: the first word of the command)."""
+    found = {}
+    for process in psutil.Process(pid).children(recursive=True):
+        try:
+            found[process] = (process.cmdline() or [""])[0]
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
 def _ray_train_worker_pids() -> list[int]:
     from ray.util.state import list_actors
 
@@ -231,10 +243,12 @@ def test_a_killed_worker_then_a_killed_driver_resume_pretraining_from_checkpoint
     1. SIGKILL of a RayTrainWorker mid-epoch 3: Ray Train restarts the worker group (max_failures 1), which resumes
        from the epoch-2 checkpoint and trains epoch 3 again;
     2. SIGKILL of the driver at the start of epoch 4 (checkpoints of epochs 2 and 3 kept); the newest is truncated.
+       The driver started its own local Ray, as `sslflow run` does on a laptop: within seconds no process it started
+       is left (``pipelines.guardian``; Ray alone leaves its agents up for a minute).
 
-    The rerun closes the dead runs, falls back to epoch 2 and repeats the restarted group's epoch 3 exactly; both
-    resumed epochs match the uninterrupted run, which a resume without the checkpoint's weights or optimizer state
-    would not."""
+    The rerun (on the session's Ray) closes the dead runs, falls back to epoch 2 and repeats the restarted group's
+    epoch 3 exactly; both resumed epochs match the uninterrupted run, which a resume without the checkpoint's weights
+    or optimizer state would not."""
     from pipelines.dag import run_pipeline
 
     values = _pretrain_values(tmp_path)
@@ -245,21 +259,38 @@ def test_a_killed_worker_then_a_killed_driver_resume_pretraining_from_checkpoint
     steps = uninterrupted.steps_per_epoch
     once_dir = tmp_path / "faults"
     hold = {"pretrain_hold_at_step": 2 * steps + steps // 2, "pretrain_hold_at_epoch": 4, "once_dir": str(once_dir)}
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           faults.FAULTS_ENV: json.dumps(hold)}
+    env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}, faults.FAULTS_ENV: json.dumps(hold)}
     log = (tmp_path / "driver.log").open("w")
     driver = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(config_path)], cwd=tmp_path, env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    started: dict[psutil.Process, str] = {}
     try:
         _wait("pretrain to hold mid-epoch 3", lambda: _holding(once_dir, 2, "step"), 240, driver)
-        pids = _ray_train_worker_pids()
-        assert len(pids) == 2, pids
-        os.kill(pids[-1], signal.SIGKILL)
+        workers = [p for p, title in _descendants(driver.pid).items() if title.startswith("ray::RayTrainWorker")]
+        assert len(workers) == 2, workers
+        workers[-1].kill()
         train_run = _wait("the restarted workers to hold at epoch 4", lambda: _holding(once_dir, 2, "epoch"), 240,
                           driver)
+        started = _descendants(driver.pid)  # its local Ray: GCS, raylet, dashboard, agents, workers
     finally:
         driver.send_signal(signal.SIGKILL)
         driver.wait()
+    assert "ray::DashboardAgent" in started.values(), started
+
+    def lingering() -> list[str]:
+        alive = []
+        for process, title in started.items():
+            try:
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(f"{process.pid} {title}")
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    try:
+        _wait("every process the killed driver started to end", lambda: not lingering(), 20)
+    except AssertionError:
+        raise AssertionError(f"alive 20 s after the driver was killed: {lingering()}") from None
     killed = _stage_run(cfg, "pretrain")
     assert train_run == f"pretrain-{killed.info.run_id}" and killed.info.status == "RUNNING"
     # the restarted group: from epoch 2's checkpoint, epoch 3 once in the history, no step repeated or skipped
@@ -396,3 +427,52 @@ def test_a_finished_stage_whose_artifacts_are_damaged_is_rerun_and_the_plan_says
     shutil.rmtree(encoder.path)
     plan = _dry_run(values, config, capsys)
     assert plan["pretrain"] == f"run: artifact {record.encoder_uri} of run {pretrain_id} is missing"
+
+
+@pytest.mark.slow
+def test_killed_finetune_and_distill_attempts_resume_from_their_checkpoints(quickstart_run, tmp_path: Path) -> None:
+    """The shared run's finetune (2 epochs per fraction, FixMatch) and distill (1 epoch) stages, ended KILLED in a
+    copy of its store and Train folders, with fraction 0.05's newest checkpoint truncated: the rerun resumes fraction
+    0.05 from epoch 1 and trains epoch 2 only, fraction 0.1 and distill from their last checkpoints (nothing left to
+    train), and each says where it resumed from."""
+    from pipelines.dag import run_pipeline
+    from pipelines.ray_train import train_run_name
+    from pipelines.stages.finetune import FRACTION_STAGE_TAG
+
+    values = _copy_store(quickstart_run, tmp_path)
+    shutil.copytree(quickstart_run.workdir / "runs", tmp_path / "runs")
+    values["scaling"]["storage_path"] = str(tmp_path / "runs")  # not part of any fingerprint: every stage reusable
+    cfg = config_from_mapping(values, base=tmp_path)
+    records = quickstart_run.result.records
+    old_finetune, old_distill = records["finetune"].run_id, records["distill"].run_id
+    old_fractions = {run.data.params["label_fraction"]: run.info.run_id for run in tracking.search_runs(
+        cfg.tracking, f"tags.`{tracking.PARENT_TAG}` = '{old_finetune}' and "
+                      f"tags.`{tracking.STAGE_TAG}` = '{FRACTION_STAGE_TAG}'")}
+    assert set(old_fractions) == {"0.05", "0.1"}
+    for run_id in [old_finetune, old_distill, *old_fractions.values()]:
+        tracking.end_run(cfg.tracking, run_id, "KILLED")
+    folders = sorted(path for path in (tmp_path / "runs" / train_run_name("finetune", old_fractions["0.05"]))
+                     .glob("checkpoint_*") if path.is_dir())
+    assert [torch.load(f / CHECKPOINT_FILE, weights_only=True)["epoch"] for f in folders] == [1, 2]
+    newest = folders[-1] / CHECKPOINT_FILE
+    newest.write_bytes(newest.read_bytes()[:1000])
+
+    result = run_pipeline(cfg, until="distill")
+    assert {p.name for p in result.plan if p.reused is not None} == {"ingest", "pretrain", "evaluate"}
+    new_fractions = {run.data.params["label_fraction"]: run for run in tracking.search_runs(
+        cfg.tracking, f"tags.`{tracking.PARENT_TAG}` = '{result.records['finetune'].run_id}' and "
+                      f"tags.`{tracking.STAGE_TAG}` = '{FRACTION_STAGE_TAG}'")}
+    resumed = {fraction: json.loads(run.data.tags[resume.RESUMED_FROM_TAG]) for fraction, run in new_fractions.items()}
+    assert resumed["0.05"] == {"run_id": old_fractions["0.05"], "epoch": 1, "checkpoint": str(folders[0])}
+    assert resumed["0.1"]["run_id"] == old_fractions["0.1"] and resumed["0.1"]["epoch"] == 2
+    history = {fraction: {key: _history(cfg, run.info.run_id, key) for key in ("resumed_from_epoch", "epochs_done")}
+               for fraction, run in new_fractions.items()}
+    assert [v for _, v in history["0.05"]["resumed_from_epoch"]] == [1.0]
+    assert history["0.05"]["epochs_done"] == [(2, 2.0)]  # epoch 2 only, from the epoch-1 state
+    assert [v for _, v in history["0.1"]["resumed_from_epoch"]] == [2.0] and history["0.1"]["epochs_done"] == []
+    assert all(0.0 <= run.data.metrics["test_top1"] <= 1.0 for run in new_fractions.values())
+
+    distill = tracking.get_run(cfg.tracking, result.records["distill"].run_id)
+    assert json.loads(distill.data.tags[resume.RESUMED_FROM_TAG])["run_id"] == old_distill
+    assert [v for _, v in _history(cfg, distill.info.run_id, "resumed_from_epoch")] == [1.0]
+    assert 0.0 <= result.records["distill"].metrics["test_top1"] <= 1.0
