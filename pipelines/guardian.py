@@ -33,7 +33,8 @@ def start(driver_pid: int) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _alive(process: psutil.Process) -> bool:
+def alive(process: psutil.Process) -> bool:
+    """Whether ``process`` still runs (a zombie, or one that has exited, does not)."""
     try:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -48,7 +49,7 @@ def watch(driver_pid: int, interval: float = INTERVAL_SECONDS) -> list[int]:
     except psutil.NoSuchProcess:
         return []
     recorded: dict[int, float] = {}
-    while _alive(driver):
+    while alive(driver):
         try:
             for child in driver.children(recursive=True):
                 if child.pid != os.getpid():
@@ -60,7 +61,7 @@ def watch(driver_pid: int, interval: float = INTERVAL_SECONDS) -> list[int]:
     for pid, created in recorded.items():
         try:
             process = psutil.Process(pid)
-            if process.create_time() == created and _alive(process):
+            if process.create_time() == created and alive(process):
                 process.kill()
                 killed.append(pid)
         except psutil.NoSuchProcess:

@@ -42,11 +42,10 @@ def test_a_killed_drivers_descendants_are_killed_and_nothing_else() -> None:
         assert _wait_for(lambda: len(psutil.Process(driver.pid).children(recursive=True)) == 2, 20)
         descendants = psutil.Process(driver.pid).children(recursive=True)
         assert len({os.getsid(p.pid) for p in descendants}) == 2  # the grandchild left the driver's session
-        time.sleep(3 * guardian.INTERVAL_SECONDS)  # the watcher has recorded both
+        time.sleep(10 * guardian.INTERVAL_SECONDS)  # the watcher has recorded both, with a margin for a loaded machine
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-        assert _wait_for(lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-                                         for p in descendants), 10), [p.pid for p in descendants]
+        assert _wait_for(lambda: not any(map(guardian.alive, descendants)), 10), [p.pid for p in descendants]
         assert watcher.wait(timeout=10) == 0
         assert bystander.poll() is None
     finally:

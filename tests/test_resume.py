@@ -27,7 +27,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import shrunk_quickstart
-from pipelines import faults, resume, storage, tracking
+from pipelines import faults, guardian, resume, storage, tracking
 from pipelines.cli import main
 from pipelines.config import config_from_mapping
 from pipelines.train_loop import CHECKPOINT_FILE
@@ -278,14 +278,7 @@ def test_a_killed_worker_then_a_killed_driver_resume_pretraining_from_checkpoint
     assert "ray::DashboardAgent" in started.values(), started
 
     def lingering() -> list[str]:
-        alive = []
-        for process, title in started.items():
-            try:
-                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(f"{process.pid} {title}")
-            except psutil.NoSuchProcess:
-                pass
-        return alive
+        return [f"{process.pid} {title}" for process, title in started.items() if guardian.alive(process)]
 
     try:
         _wait("every process the killed driver started to end", lambda: not lingering(), 20)
