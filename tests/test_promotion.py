@@ -367,4 +367,5 @@ def test_the_pipeline_gates_on_val_and_reports_test(quickstart_run) -> None:
     assert float(teacher.tags["val_top1"]) == pytest.approx(student["teacher_val_top1"])
     promoted = records["promote"]
     assert promoted.promoted
-    assert promoted.reason.startswith(f"no champion yet; candidate val_top1={student['val_top1']:.4f}")
+    assert promoted.reason == (f"no champion yet [candidate val_top1={student['val_top1']:.4f} "
+                               f"(test_top1 {student['test_top1']:.4f})]")

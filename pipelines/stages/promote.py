@@ -62,7 +62,7 @@ def promotion_decision(candidate: float, champion: float | None, margin: float) 
     """(promote?, reason) on the gate metric. Promote when there is no champion or ``candidate >= champion + margin``
     (and > champion)."""
     if champion is None:
-        return True, f"no champion yet; candidate {GATE_METRIC}={candidate:.4f}"
+        return True, "no champion yet"
     if candidate > champion and candidate >= champion + margin:
         return True, f"candidate {GATE_METRIC}={candidate:.4f} beats champion {champion:.4f} by >= {margin}"
     return False, f"candidate {GATE_METRIC}={candidate:.4f} does not beat champion {champion:.4f} by {margin}"
