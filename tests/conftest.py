@@ -8,6 +8,7 @@ Train controller died (a Tune trial stopped by ASHA) and frees its workers' CPUs
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,3 +161,31 @@ def s3_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def chromium_browser():
+    """Headless Debian chromium through its chromedriver (``.ci/run`` installs both when missing)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    binary = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    assert binary and driver, "chromium and chromedriver are missing: apt-get install -y chromium chromium-driver"
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    # no background connections: a closed network refuses them, and chromium retries them at every start
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--disable-quic"):
+        options.add_argument(argument)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def table_rows(browser, table_id: str) -> list[list[str]]:
+    """The text of each body row's cells of the page's table ``table_id``."""
+    from selenium.webdriver.common.by import By
+
+    table = browser.find_element(By.ID, table_id)
+    return [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
+            for row in table.find_elements(By.CSS_SELECTOR, "tbody tr")]

@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
+from conftest import chromium_browser, table_rows
 from pipelines import tracking
 from pipelines.cli import main
 from pipelines.datasets import load_split_tensors
@@ -18,33 +18,6 @@ from pipelines.report import REPORT_ARTIFACT_DIR, REPORT_FILE, confusion_matrix,
 def test_confusion_matrix_counts_true_by_predicted() -> None:
     matrix = confusion_matrix(predicted=[0, 1, 1, 2, 0], labels=[0, 1, 2, 2, 1], num_classes=3)
     assert matrix == [[1, 0, 0], [1, 1, 0], [0, 1, 1]]
-
-
-def _browser():
-    """Headless Debian chromium through its chromedriver (``.ci/run`` installs both when missing)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver = shutil.which("chromedriver")
-    assert binary and driver, "chromium and chromedriver are missing: apt-get install -y chromium chromium-driver"
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    # no background connections: a closed network refuses them, and chromium retries them at every start
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run",
-                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                     "--disable-quic"):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    return webdriver.Chrome(service=Service(driver), options=options)
-
-
-def _table(browser, table_id: str) -> list[list[str]]:
-    from selenium.webdriver.common.by import By
-
-    table = browser.find_element(By.ID, table_id)
-    return [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
-            for row in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +38,7 @@ def test_report_opens_in_a_browser_with_every_image_and_the_runs_numbers(quickst
     from selenium.webdriver.common.by import By
 
     records = quickstart_run.result.records
-    browser = _browser()
+    browser = chromium_browser()
     try:
         browser.get(report.as_uri())
         errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
@@ -76,27 +49,27 @@ def test_report_opens_in_a_browser_with_every_image_and_the_runs_numbers(quickst
         for image in images:
             assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 0
 
-        stages = {row[0]: row for row in _table(browser, "stages")}
+        stages = {row[0]: row for row in table_rows(browser, "stages")}
         assert list(stages) == list(records)  # DAG order, tune switched off
         for name, record in records.items():
             assert stages[name][1] == "FINISHED" and stages[name][3] == record.run_id
 
         evaluate = records["evaluate"].metrics
-        assert _table(browser, "evaluation") == [
+        assert table_rows(browser, "evaluation") == [
             [name, f"{evaluate[f'{key}_random']:.4f}", f"{evaluate[f'{key}_ssl']:.4f}"]
             for name, key in (("kNN top-1", "knn_top1"), ("kNN top-5", "knn_top5"), ("linear probe top-1",
                                                                                      "linear_top1"))]
         finetune = records["finetune"].metrics
-        assert _table(browser, "label_efficiency") == [
+        assert table_rows(browser, "label_efficiency") == [
             [fraction, f"{finetune[f'test_top1_fraction_{fraction}']:.4f}"] for fraction in ("0.05", "0.1")]
 
         promote = records["promote"]
-        assert _table(browser, "promotion") == [[promote.model_name, promote.version,
+        assert table_rows(browser, "promotion") == [[promote.model_name, promote.version,
                                                  "yes" if promote.promoted else "no", str(promote.champion_version),
                                                  promote.reason]]
 
         # The confusion matrix is the student's on the labeled test rows: its diagonal is the distill stage's top-1.
-        matrix = [[int(cell) for cell in row[1:]] for row in _table(browser, "confusion_table")]
+        matrix = [[int(cell) for cell in row[1:]] for row in table_rows(browser, "confusion_table")]
         _, labels = load_split_tensors(quickstart_run.cfg.data.path, "test", quickstart_run.cfg.data.image_size)
         assert sum(map(sum, matrix)) == len(labels)
         assert [sum(row) for row in matrix] == [int((labels == c).sum()) for c in range(len(matrix))]

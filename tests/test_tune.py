@@ -13,12 +13,14 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 import ssl_core
+from conftest import chromium_browser, table_rows
 from pipelines import tracking
 from pipelines.faults import FAULTS_ENV
 from pipelines.cli import main
 from pipelines.config import config_from_mapping
 from pipelines.dag import run_pipeline, stages_for
-from pipelines.stages.tune import ERRORED, TRIAL_STAGE, error_reason, unflatten
+from pipelines.report import write_report
+from pipelines.stages.tune import ERRORED, TRIAL_STAGE, error_reason, trial_number, unflatten
 from pipelines.tracking import TRIAL_ERROR_TAG, TRIAL_STATE_TAG, TRIAL_TAG
 from tune_spaces import domain_from_spec, domain_values, method_search_space, validate_space
 
@@ -136,6 +138,33 @@ def _last_metric(uri: str, run_id: str, name: str) -> float:
     return max(history, key=lambda m: m.step).value
 
 
+def _the_report_shows_the_trials_best_first(cfg, run_id: str, trials: dict, failed, scores: dict, record) -> None:
+    """The pipeline run's HTML report, in chromium: the Tune table has one row per trial, best first, with each
+    trial's state, searched queue size and last kNN (the errored one with its error), and the plot is drawn."""
+    from selenium.webdriver.common.by import By
+
+    page = write_report(cfg.tracking, run_id)
+    browser = chromium_browser()
+    try:
+        browser.get(page.as_uri())
+        assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
+        plot = browser.find_element(By.ID, "tune_plot")
+        assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", plot) > 0
+        header = [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, "#tune_trials thead th")]
+        rows = [dict(zip(header, cells)) for cells in table_rows(browser, "tune_trials")]
+    finally:
+        browser.quit()
+    assert [row["trial"] for row in rows][0] == str(trial_number(record.best_trial))
+    shown = {f"trial-{int(row['trial']):03d}": row for row in rows}
+    assert set(shown) == {*trials, "trial-002"}
+    assert shown["trial-002"]["state"] == ERRORED and "injected failure in trial 2" in shown["trial-002"]["error"]
+    for name, trial in {**trials, "trial-002": failed}.items():
+        assert shown[name]["method.config.queue_size"] == trial.data.params["method.config.queue_size"]
+    for name, trial in trials.items():
+        assert shown[name]["state"] == trial.data.tags[TRIAL_STATE_TAG]
+        assert shown[name]["knn_top1"] == f"{scores[name]:.4f}"
+
+
 @pytest.mark.slow
 def test_search_records_trials_survives_an_errored_one_and_feeds_pretrain(ray_session, tmp_path: Path,
                                                                           data_path: Path, capsys,
@@ -186,6 +215,7 @@ def test_search_records_trials_survives_an_errored_one_and_feeds_pretrain(ray_se
     assert float(tune_run.data.params["best.method.config.temperature"]) == pytest.approx(best_overlay["temperature"])
     artifacts = {a.path for a in MlflowClient(uri).list_artifacts(tune_run.info.run_id, "tune")}
     assert artifacts == {"tune/tune_results.csv", "tune/tune_knn_top1_vs_params.png"}
+    _the_report_shows_the_trials_best_first(cfg, result.run_id, trials, failed, scores, record)
 
     pretrain_run = stages["pretrain"]
     assert int(pretrain_run.data.params["method.config.queue_size"]) == best_overlay["queue_size"]
