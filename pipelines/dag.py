@@ -306,7 +306,8 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: boo
                     stage.name, config, stage_plan.fingerprint, parent, *(refs[up] for up in stage.upstream)
                 )
                 launched.append(refs[stage.name])
-            echo(f"  {stage.name:<9} {stage_plan.reason}")
+        for line in plan_lines(plans):
+            echo(line)
         names = list(refs)
         values = ray.get([refs[name] if isinstance(refs[name], ray.ObjectRef) else ray.put(refs[name])
                           for name in names])
@@ -323,6 +324,18 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: boo
         tracking.log_metrics(cfg.tracking, parent, [(0, summary_metrics(records))])
     tracking.end_run(cfg.tracking, parent, "FINISHED")
     return PipelineResult(parent, records, plans)
+
+
+def plan_lines(plans: list[StagePlan]) -> list[str]:
+    """The reuse decisions as a person reads them: ``  <stage>   <reason>``, with consecutive stages of one reason on
+    one line (``  ingest, pretrain, evaluate  run: no FINISHED run with this fingerprint``)."""
+    groups: list[tuple[list[str], str]] = []
+    for stage_plan in plans:
+        if groups and groups[-1][1] == stage_plan.reason:
+            groups[-1][0].append(stage_plan.name)
+        else:
+            groups.append(([stage_plan.name], stage_plan.reason))
+    return [f"  {', '.join(names):<9} {reason}" for names, reason in groups]
 
 
 def _stop_stages(cfg: PipelineConfig, parent: str, launched: list[Any]) -> None:

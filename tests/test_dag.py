@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from pipelines import tracking
 from pipelines.config import config_from_mapping
-from pipelines.dag import STAGES, downstream_of, run_pipeline, stages_for
+from pipelines.dag import STAGES, StagePlan, downstream_of, plan_lines, run_pipeline, stages_for
 from conftest import shrunk_quickstart
 
 pytestmark = pytest.mark.slow
@@ -117,3 +117,12 @@ def test_config_errors_name_the_key_and_start_nothing(tmp_path: Path, change: di
 def test_force_selects_downstream_stages() -> None:
     assert downstream_of(["finetune"]) == {"finetune", "distill", "register", "promote"}
     assert downstream_of(["pretrain"]) == set(STAGES) - {"ingest", "tune"}
+
+
+def test_plan_lines_put_consecutive_stages_of_one_reason_on_one_line() -> None:
+    fresh, always = "run: no FINISHED run with this fingerprint", "run: always runs"
+    plans = [StagePlan("ingest", "a", None, "reuse run 1"), StagePlan("pretrain", "b", None, fresh),
+             StagePlan("evaluate", "c", None, fresh), StagePlan("promote", "d", None, always),
+             StagePlan("register", "e", None, fresh)]
+    assert plan_lines(plans) == ["  ingest    reuse run 1", f"  pretrain, evaluate {fresh}", f"  promote   {always}",
+                                 f"  register  {fresh}"]
