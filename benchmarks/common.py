@@ -213,6 +213,8 @@ class RayPathRun:
     steps_per_epoch: int
     workers: int = 1
     cpus_per_worker: float = 1.0
+    torch_threads: int = 0
+    """The worker's torch intra-op threads (``scaling.torch_threads``; 0: floor of ``cpus_per_worker``)."""
     use_gpu: bool = False
     compile: bool = False
     precision: str = "auto"
@@ -234,7 +236,8 @@ def ray_path_images_per_second(run: RayPathRun, work_dir: Path, datasets: Path =
                    "config": {k: v for k, v in dataclasses.asdict(method_config(
                        run.method, method_settings(run.method, run.backbone, run.image_size))).items()
                               if k != "image_size"}},
-        "scaling": {"num_workers": run.workers, "cpus_per_worker": run.cpus_per_worker, "use_gpu": run.use_gpu,
+        "scaling": {"num_workers": run.workers, "cpus_per_worker": run.cpus_per_worker,
+                    "torch_threads": run.torch_threads, "use_gpu": run.use_gpu,
                     "storage_path": str(work_dir / "runs")},
         "pretrain": {"epochs": 2, "batch_size": run.batch_size, "optimizer": "lars", "lr": BASE_LR,
                      "lr_scaling": "linear", "weight_decay": WEIGHT_DECAY, "warmup_epochs": 0.5, "compile": run.compile,

@@ -22,7 +22,8 @@ Variants (the same model, loss sizes and optimizer, LARS, in all four; channels_
       EMA/queue update (exactly what the worker loop of pipelines/train_loop.py runs per batch).
   b   the pipelines' pretraining on Ray Train (1 worker): Parquet -> Ray Data read/decode tasks -> streamed
       batches -> on-device views -> step; images/s of its second epoch, as the worker loop reports it (the first
-      epoch is the warm-up). Ray's own overhead is b/b'.
+      epoch is the warm-up). Ray's own overhead is b/b'. On a CPU its worker runs as many torch threads as a, b'
+      and c (``scaling.torch_threads``): by ``floor(cpus_per_worker)`` it would get one core of two here.
   c   lightly's data path and loss (lightly_loop.py): lightly's transforms (PIL, per image) in a torch DataLoader
       with one worker per CPU core, lightly's loss (NTXentLoss, NTXentLoss with a memory bank for MoCo,
       NegativeCosineSimilarity, DINOLoss) and lightly's momentum update, on the same backbone, heads and TrainStep.
@@ -314,6 +315,7 @@ def main() -> None:
                     run = RayPathRun(case.method, case.backbone, case.image_size, case.batch_size,
                                      steps_per_epoch=max(2, math.ceil(seconds * pace / case.batch_size)),
                                      cpus_per_worker=(1.0 if cuda else default_cpus_per_worker(os.cpu_count() or 2, 1)),
+                                     torch_threads=0 if cuda else torch.get_num_threads(),
                                      use_gpu=cuda, compile=args.compile, precision=args.precision)
                     rate = ray_path_images_per_second(run, args.work_dir)
                     steps = run.steps_per_epoch
