@@ -327,8 +327,8 @@ def run_pipeline(cfg: PipelineConfig, *, force: Iterable[str] = (), dry_run: boo
 
 
 def plan_lines(plans: list[StagePlan]) -> list[str]:
-    """The reuse decisions as a person reads them: ``  <stage>   <reason>``, with consecutive stages of one reason on
-    one line (``  ingest, pretrain, evaluate  run: no FINISHED run with this fingerprint``)."""
+    """The reuse decisions as a person reads them: ``  <stage>   <reason>`` (the name padded to 9), with consecutive
+    stages of one reason on one line (``  ingest, pretrain run: no FINISHED run with this fingerprint``)."""
     groups: list[tuple[list[str], str]] = []
     for stage_plan in plans:
         if groups and groups[-1][1] == stage_plan.reason:

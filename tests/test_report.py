@@ -65,8 +65,8 @@ def test_report_opens_in_a_browser_with_every_image_and_the_runs_numbers(quickst
 
         promote = records["promote"]
         assert table_rows(browser, "promotion") == [[promote.model_name, promote.version,
-                                                 "yes" if promote.promoted else "no", str(promote.champion_version),
-                                                 promote.reason]]
+                                                     "yes" if promote.promoted else "no",
+                                                     str(promote.champion_version), promote.reason]]
 
         # The confusion matrix is the student's on the labeled test rows: its diagonal is the distill stage's top-1.
         matrix = [[int(cell) for cell in row[1:]] for row in table_rows(browser, "confusion_table")]
