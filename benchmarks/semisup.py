@@ -6,9 +6,9 @@ from the same pretrained encoder, over several seeds; test top-1 mean and spread
 
 The defaults are a small, quick scale (16 px, the 300-step encoder, 600 steps), where no algorithm separates from
 ``none``. The scale of the README's table is ``--image-size 28 --pool-rows 10000 --pretrain-steps 1000 --steps 3000
---batch-size 16 --algorithms none fixmatch``: about 3.5 CPU-minutes for the encoder, 11 per FixMatch fine-tune and
-0.8 per ``none`` fine-tune, single-threaded on a 2-core CPU (run one process per ``--fractions`` value, each with
-its own ``--work-dir`` holding a copy of the cached encoder, to use both cores).
+--batch-size 16 --algorithms none fixmatch``: under 4 minutes for the encoder, 10-11.5 CPU-minutes per FixMatch
+fine-tune and 0.7-0.9 per ``none`` fine-tune, single-threaded on a 2-core CPU (run one process per ``--fractions``
+value, each with its own ``--work-dir`` holding a copy of the cached encoder, to use both cores).
 
 One process, plain PyTorch (no Ray, no MLflow): the fine-tune stage's objective (``ssl_core.semi.SemiObjective``,
 or cross-entropy on the labeled rows for ``none``) through ``ssl_core.training.TrainStep``, as the stage's workers

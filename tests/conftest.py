@@ -189,3 +189,13 @@ def table_rows(browser, table_id: str) -> list[list[str]]:
     table = browser.find_element(By.ID, table_id)
     return [[cell.text for cell in row.find_elements(By.TAG_NAME, "td")]
             for row in table.find_elements(By.CSS_SELECTOR, "tbody tr")]
+
+
+def console_errors(browser) -> list[dict]:
+    """The page's SEVERE browser-log entries (script errors, failed loads)."""
+    return [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def drawn(browser, image) -> bool:
+    """Whether the ``<img>`` element has loaded and has a width: the image is on the page, not a broken icon."""
+    return browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth > 0", image)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import chromium_browser, table_rows
+from conftest import chromium_browser, console_errors, drawn, table_rows
 from pipelines import tracking
 from pipelines.cli import main
 from pipelines.datasets import load_split_tensors
@@ -41,13 +41,12 @@ def test_report_opens_in_a_browser_with_every_image_and_the_runs_numbers(quickst
     browser = chromium_browser()
     try:
         browser.get(report.as_uri())
-        errors = [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"]
-        assert errors == []
+        assert console_errors(browser) == []
         images = browser.find_elements(By.TAG_NAME, "img")
         assert {image.get_attribute("id") for image in images} == {"curves", "embedding", "label_efficiency_plot",
                                                                    "confusion"}
         for image in images:
-            assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 0
+            assert drawn(browser, image), image.get_attribute("id")
 
         stages = {row[0]: row for row in table_rows(browser, "stages")}
         assert list(stages) == list(records)  # DAG order, tune switched off

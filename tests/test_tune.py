@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from ray import tune
 
 import ssl_core
-from conftest import chromium_browser, table_rows
+from conftest import chromium_browser, console_errors, drawn, table_rows
 from pipelines import tracking
 from pipelines.faults import FAULTS_ENV
 from pipelines.cli import main
@@ -147,14 +147,13 @@ def _the_report_shows_the_trials_best_first(cfg, run_id: str, trials: dict, fail
     browser = chromium_browser()
     try:
         browser.get(page.as_uri())
-        assert [entry for entry in browser.get_log("browser") if entry["level"] == "SEVERE"] == []
-        plot = browser.find_element(By.ID, "tune_plot")
-        assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", plot) > 0
+        assert console_errors(browser) == []
+        assert drawn(browser, browser.find_element(By.ID, "tune_plot"))
         header = [cell.text for cell in browser.find_elements(By.CSS_SELECTOR, "#tune_trials thead th")]
         rows = [dict(zip(header, cells)) for cells in table_rows(browser, "tune_trials")]
     finally:
         browser.quit()
-    assert [row["trial"] for row in rows][0] == str(trial_number(record.best_trial))
+    assert rows[0]["trial"] == str(trial_number(record.best_trial))
     shown = {f"trial-{int(row['trial']):03d}": row for row in rows}
     assert set(shown) == {*trials, "trial-002"}
     assert shown["trial-002"]["state"] == ERRORED and "injected failure in trial 2" in shown["trial-002"]["error"]
