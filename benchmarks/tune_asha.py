@@ -60,8 +60,6 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(REPO / "bench_runs" / "tune_asha"))
     args = parser.parse_args()
 
-    import ray
-
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     from pipelines.ray_train import init_ray
 

@@ -28,7 +28,7 @@ The same seed and inputs always give identical views.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
