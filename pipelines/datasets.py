@@ -21,8 +21,9 @@ Readers, one per job:
 - ``split_labels`` + ``load_rows`` sample before decoding: the labels of a split (two small columns), then only
   the chosen rows decoded, streaming the shards a record batch at a time (the kNN monitor's bank).
 
-``read_split(materialize=True)`` reads a small subset once (the labeled rows of a 1% fine-tune) and keeps it
-encoded in Ray's object store, instead of re-reading every shard every epoch to filter it (``should_materialize``).
+``read_split(materialize=True)`` reads and decodes the rows once and keeps them decoded in Ray's object store, so
+every epoch streams them from there instead of re-reading and re-decoding every shard (and re-filtering it, for the
+labeled rows of a 1% fine-tune); the training stages do so whenever the decoded rows fit (``should_materialize``).
 
 All decode with ``ssl_core.data.decode_images`` (RGB, bilinear resize + center crop to ``image_size``)
 and give images as uint8 (N, 3, S, S) and labels as int64 with -1 for unlabeled. ``read_split`` also gives
@@ -203,12 +204,12 @@ def _read_shards(
     names: list[str],
     labeled_only: bool,
     labeled_ids: pa.Array | None,
-    image_size: int | None,
+    image_size: int,
     batch_size: int,
-) -> Iterator[dict[str, np.ndarray] | pa.Table]:
+) -> Iterator[dict[str, np.ndarray]]:
     """The ``map_batches`` function of ``read_split``: stream the given shard files in ``batch_size``-row record
     batches, number the rows (``row_index``, from the shard's ``first_row``), hide labels outside ``labeled_ids``,
-    keep the requested rows, decode (``image_size`` None: yield the kept rows still encoded, as a table)."""
+    keep the requested rows and decode them."""
     for path, first_row in zip(shards["path"], shards["first_row"], strict=True):
         position = int(first_row)
         for record_batch in _iter_batches(str(path), batch_size):
@@ -222,7 +223,7 @@ def _read_shards(
                 mask = pc.and_(mask, pc.is_valid(table.column("label")))
             table = table.filter(mask)
             if table.num_rows:
-                yield table.drop_columns(["split"]) if image_size is None else decode_table(table, image_size)
+                yield decode_table(table, image_size)
 
 
 def _iter_batches(path: str, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -265,10 +266,9 @@ def read_split(
     One ``map_batches`` task per shard streams it in ``batch_size``-row record batches and decodes them; every
     task requests ``READ_CPUS``.
 
-    ``materialize``: read the shards once, now, and keep only the selected rows, still encoded (PNG/JPEG bytes),
-    in Ray's object store; every epoch then decodes them from there. For a small subset (a 1% labeled fine-tune)
-    this reads the data once instead of every epoch; it holds the subset's encoded bytes in memory, so use it
-    for subsets, not for a whole split.
+    ``materialize``: read and decode the selected rows once, now, and keep them decoded (uint8) in Ray's object
+    store; every epoch then streams them from there, with no read or decode task. It holds
+    rows x 3 x S x S bytes in the object store: ask ``should_materialize`` first.
 
     The shard list comes from the manifest rather than ``ray.data.read_parquet``
     because the latter also runs listing / schema-sampling tasks that need a whole CPU (not configurable in
@@ -286,31 +286,31 @@ def read_split(
             "names": names,
             "labeled_only": labeled_only,
             "labeled_ids": None if labeled_ids is None else _id_array(labeled_ids),
-            "image_size": None if materialize else image_size,
+            "image_size": image_size,
             "batch_size": batch_size,
         },
         batch_size=1,
         batch_format="numpy",
         num_cpus=READ_CPUS,
     )
-    if not materialize:
-        return rows
-    return rows.materialize().map_batches(decode_table, fn_kwargs={"image_size": image_size}, batch_size=batch_size,
-                                          batch_format="pyarrow", num_cpus=READ_CPUS)
+    return rows.materialize() if materialize else rows
 
 
 MATERIALIZE_BYTES = 2 * 2**30
-"""Largest subset (in encoded bytes, estimated by ``should_materialize``) that a reader keeps in Ray's object store."""
+"""Most decoded bytes that a training stage keeps in Ray's object store (``should_materialize``)."""
 
 
-def should_materialize(dataset_dir: Path | str, split: str, rows: int) -> bool:
-    """Whether ``rows`` rows of ``split`` are few enough to read once and keep encoded in the object store
-    (``read_split(materialize=True)``): their estimated bytes (the split's shard bytes x ``rows`` / its rows) are
-    at most ``MATERIALIZE_BYTES``."""
-    manifest = read_manifest(dataset_dir)
-    split_rows = manifest["splits"][split]["rows"]
-    split_bytes = sum(int(shard["bytes"]) for shard in manifest["shards"] if shard["split"] == split)
-    return split_rows > 0 and split_bytes * rows / split_rows <= MATERIALIZE_BYTES
+def should_materialize(rows: int, image_size: int) -> bool:
+    """Whether ``rows`` decoded images of ``image_size`` (``rows x 3 x S x S`` bytes) are few enough to keep in Ray's
+    object store for a whole training run (``read_split(materialize=True)``): at most ``MATERIALIZE_BYTES`` and at
+    most a quarter of the object store of the Ray that this process is connected to (when connected)."""
+    import ray
+
+    decoded = rows * 3 * image_size * image_size
+    limit = MATERIALIZE_BYTES
+    if ray.is_initialized():
+        limit = min(limit, ray.cluster_resources().get("object_store_memory", limit) / 4)
+    return decoded <= limit
 
 
 def load_split_tensors(

@@ -149,5 +149,5 @@ def fit_finetune_trial(cfg: PipelineConfig, run_id: str, run_name: str, checkpoi
     job = FinetuneJob(cfg, run_id, manifest["num_classes"], len(labeled_ids), fraction, checkpoint_uri)
     dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size, labeled_only=True,
                          labeled_ids=labeled_ids,
-                         materialize=should_materialize(cfg.data.path, "train", len(labeled_ids)))
+                         materialize=should_materialize(len(labeled_ids), cfg.data.image_size))
     return fit(trial_train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset}, callbacks)

@@ -53,15 +53,21 @@ def test_ray_ingest_to_s3_writes_what_threads_write_locally(s3_server, ray_sessi
 
 
 def test_materialised_subset_is_read_once(ray_session, tmp_path: Path):
-    """``read_split(materialize=True)`` reads the shards once: after that the data can be gone and every epoch
-    still gets exactly the subset's rows (decoded as the streaming reader decodes them)."""
+    """``read_split(materialize=True)`` reads and decodes the shards once: after that the data can be gone and every
+    epoch still gets exactly the subset's rows (decoded as the streaming reader decodes them). A split whose decoded
+    images would not fit in a quarter of the object store (or 2 GiB) streams instead."""
     import shutil
+
+    import ray
 
     from pipelines.datasets import labeled_subset_ids, read_split, should_materialize
 
     ingest("builtin:digits", tmp_path / "digits", seed=0)
     ids = labeled_subset_ids(tmp_path / "digits", "train", 0.05, 0)
-    assert should_materialize(tmp_path / "digits", "train", len(ids))
+    assert should_materialize(len(ids), 8)
+    object_store = ray.cluster_resources()["object_store_memory"]
+    rows_in_a_quarter = int(min(object_store / 4, 2 * 2**30) // (3 * 32 * 32))
+    assert should_materialize(rows_in_a_quarter, 32) and not should_materialize(rows_in_a_quarter + 1, 32)
 
     def rows(dataset) -> dict[int, tuple[int, bytes]]:
         return {int(r.row_index): (int(r.label), r.image.tobytes()) for r in dataset.to_pandas().itertuples()}

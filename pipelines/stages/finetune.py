@@ -67,8 +67,8 @@ def _finetune_fraction(cfg: PipelineConfig, run_id: str, pretrain: PretrainRecor
         job = FinetuneJob(cfg, fraction_run_id, num_classes, len(labeled_ids), fraction, pretrain.checkpoint_uri,
                           None if point is None else point.checkpoint)
         dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size, labeled_only=True,
-                             labeled_ids=labeled_ids,  # a small subset is read once, not once per epoch
-                             materialize=should_materialize(cfg.data.path, "train", len(labeled_ids)))
+                             labeled_ids=labeled_ids,  # decoded once, not once per epoch
+                             materialize=should_materialize(len(labeled_ids), cfg.data.image_size))
         run_name = train_run_name("finetune", fraction_run_id)
         result = fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset})
         if result.return_value is None:
