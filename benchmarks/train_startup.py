@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 EPOCHS, BATCH = 2, 64
 
 
-def rank0_marks(config: dict) -> None:
+def worker_marks(config: dict) -> None:
+    """Every rank reads its shard (a streaming split waits for all of them); rank 0 writes its marks."""
     import psutil
     import ray.train
 
@@ -81,7 +82,7 @@ def main() -> None:
                     datasets = {} if data == "none" else {"train": read_split(
                         digits, "train", image_size=args.image_size, materialize=data == "materialized")}
                     fit_called = time.time()
-                    TorchTrainer(rank0_marks, train_loop_config={"file": str(marks_file), "data": data != "none"},
+                    TorchTrainer(worker_marks, train_loop_config={"file": str(marks_file), "data": data != "none"},
                                  scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
                                  run_config=RunConfig(name=f"startup-{round_index}-{data}-{workers}",
                                                       storage_path=str(Path(directory) / "runs")),
