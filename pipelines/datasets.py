@@ -23,7 +23,8 @@ Readers, one per job:
 
 ``read_split(materialize=True)`` reads and decodes the rows once and keeps them decoded in Ray's object store, so
 every epoch streams them from there instead of re-reading and re-decoding every shard (and re-filtering it, for the
-labeled rows of a 1% fine-tune); the training stages do so whenever the decoded rows fit (``should_materialize``).
+labeled rows of a 1% fine-tune); the training stages ask for ``materialize=IF_FITS``: so whenever the decoded rows fit
+(``should_materialize``).
 
 All decode with ``ssl_core.data.decode_images`` (RGB, bilinear resize + center crop to ``image_size``)
 and give images as uint8 (N, 3, S, S) and labels as int64 with -1 for unlabeled. ``read_split`` also gives
@@ -41,7 +42,7 @@ import logging
 import math
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -234,15 +235,16 @@ def _iter_batches(path: str, batch_size: int) -> Iterator[pa.RecordBatch]:
         yield from pq.ParquetFile(handle).iter_batches(batch_size=batch_size, columns=_COLUMNS)
 
 
-def _first_rows(dataset_dir: Path | str, files: list[str]) -> list[int]:
-    """The ``row_index`` of the first row of each of ``files`` (shards in manifest order): rows of the shards before."""
+def _shard_rows(dataset_dir: Path | str, files: list[str]) -> list[int]:
+    """The row count of each of ``files`` (shard paths or URIs), from the manifest."""
     folder = locate(dataset_dir)
     rows = {folder.child(shard["file"]).uri: int(shard["rows"]) for shard in read_manifest(dataset_dir)["shards"]}
-    firsts, total = [], 0
-    for path in files:
-        firsts.append(total)
-        total += rows[path]
-    return firsts
+    return [rows[path] for path in files]
+
+
+def _first_rows(shard_rows: list[int]) -> list[int]:
+    """The ``row_index`` of the first row of each shard (in manifest order): the rows of the shards before it."""
+    return [sum(shard_rows[:i]) for i in range(len(shard_rows))]
 
 
 def read_split(
@@ -253,7 +255,7 @@ def read_split(
     labeled_only: bool = False,
     batch_size: int = 256,
     labeled_ids: Collection[str] | None = None,
-    materialize: bool = False,
+    materialize: bool | Literal["if_fits"] = False,
 ):
     """A Ray Dataset of ``splits`` with columns ``image`` uint8 (3, S, S) per row, ``label`` int64 (-1 =
     unlabeled) and ``row_index`` int64 (the row's position in the requested splits, see the module docstring).
@@ -268,7 +270,9 @@ def read_split(
 
     ``materialize``: read and decode the selected rows once, now, and keep them decoded (uint8) in Ray's object
     store; every epoch then streams them from there, with no read or decode task. It holds
-    rows x 3 x S x S bytes in the object store: ask ``should_materialize`` first.
+    rows x 3 x S x S bytes in the object store. ``materialize=IF_FITS`` (the training stages): materialize when
+    ``should_materialize`` says these rows fit, counting ``len(labeled_ids)`` rows for ``labeled_only`` with
+    ``labeled_ids``, else every row of the splits' shards (an upper bound under ``labeled_only``); stream otherwise.
 
     The shard list comes from the manifest rather than ``ray.data.read_parquet``
     because the latter also runs listing / schema-sampling tasks that need a whole CPU (not configurable in
@@ -278,8 +282,12 @@ def read_split(
 
     names = _split_names(splits)
     files = split_files(dataset_dir, names)
+    shard_rows = _shard_rows(dataset_dir, files)
+    if materialize == IF_FITS:
+        selected = len(labeled_ids) if labeled_only and labeled_ids is not None else sum(shard_rows)
+        materialize = should_materialize(selected, image_size)
     shards = ray.data.from_items([{"path": path, "first_row": first_row}
-                                  for path, first_row in zip(files, _first_rows(dataset_dir, files), strict=True)])
+                                  for path, first_row in zip(files, _first_rows(shard_rows), strict=True)])
     rows = shards.map_batches(
         _read_shards,
         fn_kwargs={
@@ -295,6 +303,9 @@ def read_split(
     )
     return rows.materialize() if materialize else rows
 
+
+IF_FITS = "if_fits"
+"""``read_split(materialize=IF_FITS)``: keep the decoded rows in the object store when ``should_materialize``."""
 
 MATERIALIZE_BYTES = 2 * 2**30
 """Most decoded bytes that a training stage keeps in Ray's object store (``should_materialize``)."""

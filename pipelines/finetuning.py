@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from pipelines import supervised, tracking
 from pipelines.config import PipelineConfig, from_dict
-from pipelines.datasets import labeled_subset_ids, load_split_tensors, read_manifest, read_split, should_materialize
+from pipelines.datasets import IF_FITS, labeled_subset_ids, load_split_tensors, read_manifest, read_split
 from pipelines.knn_monitor import pretrain_rows
 from pipelines.ray_train import fit
 from pipelines.train_loop import LoopSpec, WorkerInfo, train, worker_info
@@ -149,5 +149,5 @@ def fit_finetune_trial(cfg: PipelineConfig, run_id: str, run_name: str, checkpoi
     job = FinetuneJob(cfg, run_id, manifest["num_classes"], len(labeled_ids), fraction, checkpoint_uri)
     dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size, labeled_only=True,
                          labeled_ids=labeled_ids,
-                         materialize=should_materialize(len(labeled_ids), cfg.data.image_size))
+                         materialize=IF_FITS)
     return fit(trial_train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset}, callbacks)

@@ -19,7 +19,7 @@ import torch
 
 from pipelines import faults, tracking
 from pipelines.config import PipelineConfig, from_dict
-from pipelines.datasets import read_manifest, read_split, should_materialize
+from pipelines.datasets import IF_FITS, read_manifest, read_split
 from pipelines.faults import Faults
 from pipelines.knn_monitor import KNN_MONITOR_TAG, KnnMonitor, monitor_plan, pretrain_rows, pretrain_splits
 from pipelines.ray_train import fit
@@ -117,5 +117,5 @@ def fit_pretraining(cfg: PipelineConfig, run_id: str | None, run_name: str, *, c
     rows = pretrain_rows(manifest)
     job = PretrainJob(cfg, run_id, run_name, rows, log_model, faults.active(), resume_from)
     dataset = read_split(cfg.data.path, pretrain_splits(manifest), image_size=cfg.data.image_size,
-                         materialize=should_materialize(rows, cfg.data.image_size))  # decoded once, not per epoch
+                         materialize=IF_FITS)  # decoded once, not per epoch
     return fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset}, callbacks)

@@ -53,28 +53,28 @@ def test_ray_ingest_to_s3_writes_what_threads_write_locally(s3_server, ray_sessi
 
 
 def test_materialised_subset_is_read_once(ray_session, tmp_path: Path):
-    """``read_split(materialize=True)`` reads and decodes the shards once: after that the data can be gone and every
-    epoch still gets exactly the subset's rows (decoded as the streaming reader decodes them). A split whose decoded
-    images would not fit in a quarter of the object store (or 2 GiB) streams instead."""
+    """``read_split(materialize=IF_FITS)`` (the training stages' read) reads and decodes a subset that fits once:
+    after that the data can be gone and every epoch still gets exactly the subset's rows (decoded as the streaming
+    reader decodes them). Rows that would not fit (over 2 GiB decoded, the most it ever keeps) stream instead."""
     import shutil
 
-    import ray
+    from ray.data.dataset import MaterializedDataset
 
-    from pipelines.datasets import labeled_subset_ids, read_split, should_materialize
+    from pipelines.datasets import IF_FITS, labeled_subset_ids, read_split
 
     ingest("builtin:digits", tmp_path / "digits", seed=0)
     ids = labeled_subset_ids(tmp_path / "digits", "train", 0.05, 0)
-    assert should_materialize(len(ids), 8)
-    object_store = ray.cluster_resources()["object_store_memory"]
-    rows_in_a_quarter = int(min(object_store / 4, 2 * 2**30) // (3 * 32 * 32))
-    assert should_materialize(rows_in_a_quarter, 32) and not should_materialize(rows_in_a_quarter + 1, 32)
+    huge = read_split(tmp_path / "digits", "train", image_size=4096, labeled_only=True, labeled_ids=ids,
+                      materialize=IF_FITS)  # len(ids) x 3 x 4096 x 4096 bytes > 2 GiB: lazy, nothing decoded
+    assert len(ids) * 3 * 4096**2 > 2 * 2**30 and not isinstance(huge, MaterializedDataset)
 
     def rows(dataset) -> dict[int, tuple[int, bytes]]:
         return {int(r.row_index): (int(r.label), r.image.tobytes()) for r in dataset.to_pandas().itertuples()}
 
     streaming = rows(read_split(tmp_path / "digits", "train", image_size=8, labeled_only=True, labeled_ids=ids))
     subset = read_split(tmp_path / "digits", "train", image_size=8, labeled_only=True, labeled_ids=ids,
-                        materialize=True)
+                        materialize=IF_FITS)
+    assert isinstance(subset, MaterializedDataset)
     shutil.rmtree(tmp_path / "digits")
     assert rows(subset) == streaming == rows(subset)  # two epochs, no shard left to read
     assert len(streaming) == len(ids)

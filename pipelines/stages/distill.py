@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from pipelines import resume, supervised, tracking
 from pipelines.config import PipelineConfig, from_dict
-from pipelines.datasets import labeled_subset_ids, read_manifest, read_split, should_materialize
+from pipelines.datasets import IF_FITS, labeled_subset_ids, read_manifest, read_split
 from pipelines.ray_train import fit, train_run_name
 from pipelines.scoring import labeled_split_top1
 from pipelines.records import ClassifierRecord, FinetuneRecord, StageRecord
@@ -127,7 +127,7 @@ def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> Cla
     job = DistillJob(cfg, run_id, teacher.num_classes, train_rows, teacher.teacher_uri(fraction),
                      None if earlier is None else earlier.checkpoint)
     dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size, labeled_ids=labeled_ids,
-                         materialize=should_materialize(train_rows, cfg.data.image_size))  # decoded once, not per epoch
+                         materialize=IF_FITS)  # decoded once, not per epoch
     run_name = train_run_name("distill", run_id)
     result = fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset})
     if result.return_value is None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from pipelines import resume, supervised, tracking
 from pipelines.config import PipelineConfig, from_dict
-from pipelines.datasets import labeled_subset_ids, read_manifest, read_split, should_materialize
+from pipelines.datasets import IF_FITS, labeled_subset_ids, read_manifest, read_split
 from pipelines.finetuning import FinetuneJob, fine_tune
 from pipelines.ray_train import fit, train_run_name
 from pipelines.records import EvaluateRecord, FinetuneRecord, PretrainRecord, StageRecord, fraction_key
@@ -68,7 +68,7 @@ def _finetune_fraction(cfg: PipelineConfig, run_id: str, pretrain: PretrainRecor
                           None if point is None else point.checkpoint)
         dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size, labeled_only=True,
                              labeled_ids=labeled_ids,  # decoded once, not once per epoch
-                             materialize=should_materialize(len(labeled_ids), cfg.data.image_size))
+                             materialize=IF_FITS)
         run_name = train_run_name("finetune", fraction_run_id)
         result = fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset})
         if result.return_value is None:
