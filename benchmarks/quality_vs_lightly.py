@@ -1,6 +1,7 @@
 """lightly's SimCLR against ours on the same data and the same compute budget, scored with the same weighted kNN.
 
     python benchmarks/quality_vs_lightly.py DATA --minutes M [--clock cpu|wall] [--threads N] [--batch-size 256]
+                                            [--backbone resnet18|resnet20]
 
 DATA: ``tiny32`` (pretrain on the 10000 unlabeled Tiny-ImageNet test images; kNN bank/test: a seeded 80/20 split of
 the labeled validation images) or ``fashion_mnist`` (pretrain on the 60000 training images, bank: the first
@@ -13,7 +14,9 @@ children, so lightly's DataLoader workers are charged to lightly):
   lightly          lightly's CIFAR-10 benchmark recipe for SimCLR: its SimCLRTransform (input 32, cj_strength 0.5,
                    no blur) per image in a torch DataLoader, its SimCLRProjectionHead(512, 512, 128), its NTXentLoss
                    (temperature 0.5), SGD lr 0.06 x batch/128, momentum 0.9, weight decay 5e-4, cosine schedule;
-                   backbone: ResNet-18 with the CIFAR stem (3x3 conv, no max-pool).
+                   backbone: ``--backbone`` with the CIFAR stem (3x3 conv, no max-pool): ResNet-18 by default, as in
+                   lightly's benchmark; ``resnet20`` (CIFAR ResNet-20, 10x the images per CPU-second) ranks the two
+                   like for like at budgets where ResNet-18 does too few steps to leave the untrained encoder.
   ours, same       the same backbone, head sizes, temperature and optimizer settings, through our pipeline's step
                    (``ssl_core.training.TrainStep`` of ``ssl_objective``: batched on-device views, our NT-Xent).
   ours, recipe     our recipe for the data (``ssl_core.recipes.recipe("simclr", image_size)``).
@@ -118,8 +121,8 @@ def knn_score(encoder: nn.Module, data: BenchData, normalize: Callable[[Tensor],
                         temperature=KNN_TEMPERATURE)["top1"]
 
 
-def cifar_resnet18() -> nn.Module:
-    return build_backbone("resnet18", small_images=True, image_size=32)
+def cifar_backbone(name: str, image_size: int) -> nn.Module:
+    return build_backbone(name, small_images=True, image_size=image_size)
 
 
 def run_lightly(data: BenchData, args: argparse.Namespace, device: torch.device) -> Run:
@@ -129,7 +132,7 @@ def run_lightly(data: BenchData, args: argparse.Namespace, device: torch.device)
     from PIL import Image
 
     torch.manual_seed(0)
-    encoder = cifar_resnet18()
+    encoder = cifar_backbone(args.backbone, args.image_size)
     head = SimCLRProjectionHead(encoder.feature_dim, 512, 128)
     model = model_to_memory_format(nn.Sequential(encoder, head).to(device), device)
     criterion = NTXentLoss(temperature=LIGHTLY_TEMPERATURE)
@@ -172,7 +175,7 @@ def run_lightly(data: BenchData, args: argparse.Namespace, device: torch.device)
     train_step.guard.check()
     loader._iterator = None  # stops the persistent DataLoader workers before the scoring
     score = knn_score(encoder, data, Normalization())  # lightly's transform ends with ImageNet mean/std
-    return Run("lightly (its transforms, loss, SGD recipe)", "resnet18 CIFAR stem", steps, seconds,
+    return Run("lightly (its transforms, loss, SGD recipe)", f"{args.backbone} CIFAR stem", steps, seconds,
                steps * args.batch_size / seconds, score)
 
 
@@ -201,7 +204,7 @@ def run_ours(name: str, data: BenchData, args: argparse.Namespace, device: torch
 def run_all(data: BenchData, args: argparse.Namespace, device: torch.device) -> list[Run]:
     runs = [run_lightly(data, args, device)]
     print(f"  {runs[-1]}", flush=True)
-    same = {"backbone": "resnet18", "small_images": True, "image_size": args.image_size, "temperature":
+    same = {"backbone": args.backbone, "small_images": True, "image_size": args.image_size, "temperature":
             LIGHTLY_TEMPERATURE, "projection_layers": 2, "projection_hidden_dim": 512, "projection_dim": 128}
     runs.append(run_ours("ours, like for like (same backbone, head, loss temperature, SGD recipe)", data, args,
                          device, same, "sgd", LIGHTLY_LR_PER_128 * args.batch_size / 128, LIGHTLY_WEIGHT_DECAY, 0.0))
@@ -243,6 +246,8 @@ def main() -> None:
     parser.add_argument("--loader-workers", type=int, default=os.cpu_count() or 1,
                         help="lightly's DataLoader workers (default: one per core, as lightly's benchmark)")
     parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--backbone", choices=("resnet18", "resnet20"), default="resnet18",
+                        help="the backbone of lightly's run and of ours like for like (CIFAR stem)")
     parser.add_argument("--unit-steps", type=int, default=UNIT_STEPS, help="steps between re-projections")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--bank-images", type=int, default=10000)
@@ -258,7 +263,7 @@ def main() -> None:
           f"batch {args.batch_size}, {args.image_size} px, torch threads {torch.get_num_threads()}, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     runs = run_all(data, args, device)
-    floor_rows = floors(data, sorted({"resnet18", recipe("simclr", args.image_size).backbone["backbone"]}),
+    floor_rows = floors(data, sorted({args.backbone, recipe("simclr", args.image_size).backbone["backbone"]}),
                         device)
     rate = "images/CPU-s" if args.clock == "cpu" else "images/s"
     lines = [f"### {args.data}, {args.minutes:g} {args.clock}-minutes per run, batch {args.batch_size}, kNN k={KNN_K} "
@@ -272,7 +277,7 @@ def main() -> None:
     for name, score in floor_rows:
         lines.append(f"| ({name}) | - | - | - | - | - | {score:.4f} |")
     lightly_score, same, ours = (run.knn_top1 for run in runs)
-    summary = (f"{args.data} {args.minutes:g}min {args.clock}: lightly={lightly_score:.4f} same={same:.4f} "
+    summary = (f"{args.data} {args.minutes:g}min {args.clock} {args.backbone}: lightly={lightly_score:.4f} same={same:.4f} "
                f"recipe={ours:.4f} same-lightly={same - lightly_score:+.4f} recipe-lightly={ours - lightly_score:+.4f}")
     text = "\n".join(lines) + "\n\n" + summary + "\n"
     print("\n" + text, flush=True)
