@@ -12,7 +12,7 @@ Rows (each pretrained for ``--minutes`` of ``--clock`` time; ``cpu`` counts the 
 children, so lightly's DataLoader workers are charged to lightly):
 
   lightly          lightly's CIFAR-10 benchmark recipe for SimCLR: its SimCLRTransform (input 32, cj_strength 0.5,
-                   no blur) per image in a torch DataLoader, its SimCLRProjectionHead(512, 512, 128), its NTXentLoss
+                   no blur) per image in a torch DataLoader, its SimCLRProjectionHead(feature dim, 512, 128), its NTXentLoss
                    (temperature 0.5), SGD lr 0.06 x batch/128, momentum 0.9, weight decay 5e-4, cosine schedule;
                    backbone: ``--backbone`` with the CIFAR stem (3x3 conv, no max-pool): ResNet-18 by default, as in
                    lightly's benchmark; ``resnet20`` (CIFAR ResNet-20, 10x the images per CPU-second) ranks the two
@@ -121,10 +121,6 @@ def knn_score(encoder: nn.Module, data: BenchData, normalize: Callable[[Tensor],
                         temperature=KNN_TEMPERATURE)["top1"]
 
 
-def cifar_backbone(name: str, image_size: int) -> nn.Module:
-    return build_backbone(name, small_images=True, image_size=image_size)
-
-
 def run_lightly(data: BenchData, args: argparse.Namespace, device: torch.device) -> Run:
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
@@ -132,7 +128,7 @@ def run_lightly(data: BenchData, args: argparse.Namespace, device: torch.device)
     from PIL import Image
 
     torch.manual_seed(0)
-    encoder = cifar_backbone(args.backbone, args.image_size)
+    encoder = build_backbone(args.backbone, small_images=True, image_size=args.image_size)
     head = SimCLRProjectionHead(encoder.feature_dim, 512, 128)
     model = model_to_memory_format(nn.Sequential(encoder, head).to(device), device)
     criterion = NTXentLoss(temperature=LIGHTLY_TEMPERATURE)
@@ -277,8 +273,8 @@ def main() -> None:
     for name, score in floor_rows:
         lines.append(f"| ({name}) | - | - | - | - | - | {score:.4f} |")
     lightly_score, same, ours = (run.knn_top1 for run in runs)
-    summary = (f"{args.data} {args.minutes:g}min {args.clock} {args.backbone}: lightly={lightly_score:.4f} same={same:.4f} "
-               f"recipe={ours:.4f} same-lightly={same - lightly_score:+.4f} recipe-lightly={ours - lightly_score:+.4f}")
+    summary = (f"{args.data} {args.minutes:g}min {args.clock} {args.backbone}: lightly={lightly_score:.4f} "
+               f"same={same:.4f} recipe={ours:.4f} same-lightly={same - lightly_score:+.4f} recipe-lightly={ours - lightly_score:+.4f}")
     text = "\n".join(lines) + "\n\n" + summary + "\n"
     print("\n" + text, flush=True)
     args.log.parent.mkdir(parents=True, exist_ok=True)

@@ -23,8 +23,8 @@ Readers, one per job:
 
 ``read_split(materialize=True)`` reads and decodes the rows once and keeps them decoded in Ray's object store, so
 every epoch streams them from there instead of re-reading and re-decoding every shard (and re-filtering it, for the
-labeled rows of a 1% fine-tune); the training stages ask for ``materialize=IF_FITS``: so whenever the decoded rows fit
-(``should_materialize``).
+labeled rows of a 1% fine-tune). The training stages pass ``materialize=IF_FITS``: materialize whenever the decoded
+rows fit (``should_materialize``), stream otherwise.
 
 All decode with ``ssl_core.data.decode_images`` (RGB, bilinear resize + center crop to ``image_size``)
 and give images as uint8 (N, 3, S, S) and labels as int64 with -1 for unlabeled. ``read_split`` also gives
@@ -41,6 +41,7 @@ import json
 import logging
 import math
 from collections.abc import Collection, Iterator, Sequence
+from itertools import accumulate
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -244,7 +245,7 @@ def _shard_rows(dataset_dir: Path | str, files: list[str]) -> list[int]:
 
 def _first_rows(shard_rows: list[int]) -> list[int]:
     """The ``row_index`` of the first row of each shard (in manifest order): the rows of the shards before it."""
-    return [sum(shard_rows[:i]) for i in range(len(shard_rows))]
+    return list(accumulate(shard_rows, initial=0))[:-1]
 
 
 def read_split(

@@ -117,5 +117,5 @@ def fit_pretraining(cfg: PipelineConfig, run_id: str | None, run_name: str, *, c
     rows = pretrain_rows(manifest)
     job = PretrainJob(cfg, run_id, run_name, rows, log_model, faults.active(), resume_from)
     dataset = read_split(cfg.data.path, pretrain_splits(manifest), image_size=cfg.data.image_size,
-                         materialize=IF_FITS)  # decoded once, not per epoch
+                         materialize=IF_FITS)  # decoded once when it fits, not per epoch
     return fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset}, callbacks)

@@ -127,7 +127,7 @@ def run(cfg: PipelineConfig, run_id: str, inputs: dict[str, StageRecord]) -> Cla
     job = DistillJob(cfg, run_id, teacher.num_classes, train_rows, teacher.teacher_uri(fraction),
                      None if earlier is None else earlier.checkpoint)
     dataset = read_split(cfg.data.path, "train", image_size=cfg.data.image_size, labeled_ids=labeled_ids,
-                         materialize=IF_FITS)  # decoded once, not per epoch
+                         materialize=IF_FITS)  # decoded once when it fits, not per epoch
     run_name = train_run_name("distill", run_id)
     result = fit(train_func, dataclasses.asdict(job), cfg.scaling, run_name, {"train": dataset})
     if result.return_value is None:
