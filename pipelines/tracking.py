@@ -7,6 +7,7 @@ worker group can all write into the same run without sharing MLflow's fluent "ac
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -26,6 +27,8 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import TrackingConfig
 from pipelines.environment import environment_variable
+
+logger = logging.getLogger(__name__)
 
 STAGE_TAG = "sslflow.stage"
 """Which stage a run is (``ingest``, ..., ``pipeline`` for the parent run, ``tune_trial`` for a Tune trial)."""
@@ -76,8 +79,9 @@ SYSTEM_METRICS_INTERVAL_SECONDS = 5.0
 def system_metrics(tracking: TrackingConfig, run_id: str | None, node_id: str) -> Iterator[None]:
     """MLflow's system metrics of this machine while the block runs: CPU and memory (psutil), disk, network, and
     GPU utilisation and memory when an NVIDIA GPU and ``pynvml`` are present, logged to ``run_id`` every
-    ``SYSTEM_METRICS_INTERVAL_SECONDS`` as ``system/<node_id>/<name>`` (``node_id`` tells the workers apart).
-    Nothing without a run id."""
+    ``SYSTEM_METRICS_INTERVAL_SECONDS`` as ``system/<node_id>/<name>`` (``node_id`` tells the workers apart), and
+    once more when the block ends: the mean of the samples since the last log and one taken then. MLflow's monitor
+    drops those on shutdown, so a block shorter than one interval would log nothing. Nothing without a run id."""
     if run_id is None:
         yield
         return
@@ -90,6 +94,12 @@ def system_metrics(tracking: TrackingConfig, run_id: str | None, node_id: str) -
         yield
     finally:
         monitor.finish()
+        try:
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except Exception as error:  # as MLflow's own monitor: a lost sample never fails the training run
+            logger.warning("system metrics of %s: the last sample was not logged: %s", node_id, error)
 
 
 def client_for(tracking: TrackingConfig) -> MlflowClient:

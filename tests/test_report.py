@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,23 @@ def test_show_prints_stages_metrics_artifacts_and_registry_versions(quickstart_r
     assert err[1].startswith("sslflow: `sslflow ls` lists the pipeline runs of this store")
     assert main(["show", records["pretrain"].run_id, "--config", str(config)]) == 2
     assert f"its pipeline run is {quickstart_run.result.run_id}" in capsys.readouterr().err
+
+
+def test_a_block_shorter_than_the_sampling_interval_still_logs_its_system_metrics(tmp_path: Path) -> None:
+    """``tracking.system_metrics`` logs one sample when its block ends, however short the block (MLflow's own
+    monitor logs only after a whole interval, and drops what it collected when stopped before)."""
+    from pipelines.config import TrackingConfig
+
+    config = TrackingConfig(uri=f"sqlite:///{tmp_path}/mlflow.db", artifact_location=str(tmp_path / "art"))
+    client = tracking.client_for(config)
+    run_id = client.create_run(client.create_experiment("system", str(tmp_path / "art"))).info.run_id
+    started = time.monotonic()
+    with tracking.system_metrics(config, run_id, "rank3"):
+        pass
+    assert time.monotonic() - started < tracking.SYSTEM_METRICS_INTERVAL_SECONDS
+    metrics = client.get_run(run_id).data.metrics
+    assert 0.0 <= metrics["system/rank3/cpu_utilization_percentage"] <= 100.0
+    assert metrics["system/rank3/system_memory_usage_megabytes"] > 0.0
 
 
 @pytest.mark.slow  # inspects the shared pipeline run
