@@ -12,11 +12,12 @@ Rows (each pretrained for ``--minutes`` of ``--clock`` time; ``cpu`` counts the 
 children, so lightly's DataLoader workers are charged to lightly):
 
   lightly          lightly's CIFAR-10 benchmark recipe for SimCLR: its SimCLRTransform (input 32, cj_strength 0.5,
-                   no blur) per image in a torch DataLoader, its SimCLRProjectionHead(feature dim, 512, 128), its NTXentLoss
-                   (temperature 0.5), SGD lr 0.06 x batch/128, momentum 0.9, weight decay 5e-4, cosine schedule;
-                   backbone: ``--backbone`` with the CIFAR stem (3x3 conv, no max-pool): ResNet-18 by default, as in
-                   lightly's benchmark; ``resnet20`` (CIFAR ResNet-20, 10x the images per CPU-second) ranks the two
-                   like for like at budgets where ResNet-18 does too few steps to leave the untrained encoder.
+                   no blur) per image in a torch DataLoader, its SimCLRProjectionHead(feature dim, 512, 128), its
+                   NTXentLoss (temperature 0.5), SGD lr 0.06 x batch/128, momentum 0.9, weight decay 5e-4, cosine
+                   schedule; backbone: ``--backbone`` with the CIFAR stem (3x3 conv, no max-pool): ResNet-18 by
+                   default, as in lightly's benchmark; ``resnet20`` (CIFAR ResNet-20, 10x the images per CPU-second)
+                   ranks the two like for like at budgets where ResNet-18 does too few steps to leave the untrained
+                   encoder.
   ours, same       the same backbone, head sizes, temperature and optimizer settings, through our pipeline's step
                    (``ssl_core.training.TrainStep`` of ``ssl_objective``: batched on-device views, our NT-Xent).
   ours, recipe     our recipe for the data (``ssl_core.recipes.recipe("simclr", image_size)``).
@@ -27,8 +28,9 @@ Every run's schedule spans the steps that fit the budget, re-projected every ``-
 (``ssl_core.budget.EpochBudget`` with units of ``--unit-steps`` steps for epochs). Keep the unit at 1 when a run does
 few steps: with units of 5 steps of 47 CPU-s, a 300 CPU-s budget stops at 235 s, and runs of different step times
 lose different shares of their budget. kNN: weighted, k=200, temperature 0.1, cosine
-(``ssl_core.evaluate.knn_accuracy``) on the encoder's pooled features. Prints a Markdown table and a last
-machine-readable line, and appends both to ``--log``.
+(``ssl_core.evaluate.knn_accuracy``) on the encoder's pooled features. ``--seed`` (default 0) seeds every run's
+initialisation, data order and augmentations; the kNN bank/test split stays fixed, so seeds differ in training only.
+Prints a Markdown table and a last machine-readable line, and appends both to ``--log``.
 """
 
 from __future__ import annotations
@@ -105,10 +107,10 @@ def budgeted_training(step: Callable[[int], None], budget: EpochBudget,
             return done, clock() - started
 
 
-def batches_forever(data: Tensor, batch_size: int) -> Iterator[Tensor]:
+def batches_forever(data: Tensor, batch_size: int, seed: int) -> Iterator[Tensor]:
     epoch = 0
     while True:
-        order = torch.randperm(len(data), generator=seed_epoch(0, epoch, 0))
+        order = torch.randperm(len(data), generator=seed_epoch(seed, epoch, 0))
         for first in range(0, len(data) - batch_size + 1, batch_size):
             yield data[order[first:first + batch_size]]
         epoch += 1
@@ -127,7 +129,7 @@ def run_lightly(data: BenchData, args: argparse.Namespace, device: torch.device)
     from lightly.transforms import SimCLRTransform
     from PIL import Image
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     encoder = build_backbone(args.backbone, small_images=True, image_size=args.image_size)
     head = SimCLRProjectionHead(encoder.feature_dim, 512, 128)
     model = model_to_memory_format(nn.Sequential(encoder, head).to(device), device)
@@ -145,7 +147,7 @@ def run_lightly(data: BenchData, args: argparse.Namespace, device: torch.device)
 
     loader = torch.utils.data.DataLoader(Images(), batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          num_workers=args.loader_workers, persistent_workers=args.loader_workers > 0,
-                                         generator=torch.Generator().manual_seed(0))
+                                         generator=torch.Generator().manual_seed(args.seed))
 
     def forever() -> Iterator[list[Tensor]]:
         while True:
@@ -160,7 +162,7 @@ def run_lightly(data: BenchData, args: argparse.Namespace, device: torch.device)
         return StepOutput(criterion(z0, z1))
 
     train_step = TrainStep(model, objective, optimizer, lr_at, device=device, what="lightly simclr")
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(args.seed)
 
     def step(index: int) -> None:
         view1, view2 = next(views)
@@ -177,7 +179,7 @@ def run_lightly(data: BenchData, args: argparse.Namespace, device: torch.device)
 
 def run_ours(name: str, data: BenchData, args: argparse.Namespace, device: torch.device, settings: dict,
              optimizer_name: str, lr: float, weight_decay: float, warmup_fraction: float) -> Run:
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     method = model_to_memory_format(build_method("simclr", settings).to(device), device)
     optimizer = build_optimizer(method.param_groups(weight_decay), optimizer_name, lr, weight_decay)
     units = 1 << 30  # no cap: the budget alone ends the run
@@ -187,8 +189,8 @@ def run_ours(name: str, data: BenchData, args: argparse.Namespace, device: torch
                                        min(budget.warmup_steps, budget.total_steps), lr)
     train_step = TrainStep(method, ssl_objective(method.view_generator(), device), optimizer, lr_at, device=device,
                            what=name)
-    batches = batches_forever(data.train, args.batch_size)
-    generator = torch.Generator().manual_seed(0)
+    batches = batches_forever(data.train, args.batch_size, args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
     steps, seconds = budgeted_training(lambda i: train_step({"image": next(batches).to(device)}, i, generator),
                                        budget, CLOCKS[args.clock])
     train_step.guard.check()
@@ -215,10 +217,10 @@ def run_all(data: BenchData, args: argparse.Namespace, device: torch.device) -> 
     return runs
 
 
-def floors(data: BenchData, backbones: list[str], device: torch.device) -> list[tuple[str, float]]:
+def floors(data: BenchData, backbones: list[str], device: torch.device, seed: int) -> list[tuple[str, float]]:
     rows = []
     for backbone in backbones:
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         encoder = build_backbone(backbone, small_images=True, image_size=data.train.shape[-1]).to(device)
         rows.append((f"untrained {backbone} CIFAR stem", knn_score(encoder, data, Normalization())))
     pixels = lambda images: images.flatten(1).float() / 255  # noqa: E731
@@ -246,6 +248,8 @@ def main() -> None:
                         help="the backbone of lightly's run and of ours like for like (CIFAR stem)")
     parser.add_argument("--unit-steps", type=int, default=UNIT_STEPS, help="steps between re-projections")
     parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="every run's initialisation, data order and augmentations (the kNN split stays fixed)")
     parser.add_argument("--bank-images", type=int, default=10000)
     parser.add_argument("--test-images", type=int, default=2000)
     parser.add_argument("--datasets-dir", type=Path, default=DATASETS)
@@ -260,10 +264,11 @@ def main() -> None:
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     runs = run_all(data, args, device)
     floor_rows = floors(data, sorted({args.backbone, recipe("simclr", args.image_size).backbone["backbone"]}),
-                        device)
+                        device, args.seed)
     rate = "images/CPU-s" if args.clock == "cpu" else "images/s"
-    lines = [f"### {args.data}, {args.minutes:g} {args.clock}-minutes per run, batch {args.batch_size}, kNN k={KNN_K} "
-             f"t={KNN_TEMPERATURE} on {len(data.bank)} bank / {len(data.test)} test images",
+    lines = [f"### {args.data}, {args.minutes:g} {args.clock}-minutes per run, seed {args.seed}, "
+             f"batch {args.batch_size}, kNN k={KNN_K} t={KNN_TEMPERATURE} on {len(data.bank)} bank / "
+             f"{len(data.test)} test images",
              "", f"| run | backbone | steps | epochs | {args.clock} s | {rate} | kNN top-1 |",
              "|---|---|---|---|---|---|---|"]
     for run in runs:
@@ -273,8 +278,9 @@ def main() -> None:
     for name, score in floor_rows:
         lines.append(f"| ({name}) | - | - | - | - | - | {score:.4f} |")
     lightly_score, same, ours = (run.knn_top1 for run in runs)
-    summary = (f"{args.data} {args.minutes:g}min {args.clock} {args.backbone}: lightly={lightly_score:.4f} "
-               f"same={same:.4f} recipe={ours:.4f} same-lightly={same - lightly_score:+.4f} recipe-lightly={ours - lightly_score:+.4f}")
+    summary = (f"{args.data} {args.minutes:g}min {args.clock} {args.backbone} seed {args.seed}: "
+               f"lightly={lightly_score:.4f} same={same:.4f} recipe={ours:.4f} "
+               f"same-lightly={same - lightly_score:+.4f} recipe-lightly={ours - lightly_score:+.4f}")
     text = "\n".join(lines) + "\n\n" + summary + "\n"
     print("\n" + text, flush=True)
     args.log.parent.mkdir(parents=True, exist_ok=True)
