@@ -5,6 +5,7 @@
     python benchmarks/throughput.py --no-ray                 # without Ray (e.g. a GPU machine without Ray's wheel)
     python benchmarks/throughput.py --no-ray --profile       # + torch.profiler of variant b': where a step goes
     python benchmarks/throughput.py --precision bf16         # every variant under bf16 autocast
+    python benchmarks/throughput.py --threads 1              # 1 torch thread everywhere (the pipeline's on 2 cores)
 
 Timing: every variant is built and warmed up once, then timed for a steady-state period (``--seconds``, default 60
 on CPU, 10 on CUDA) in interleaved rounds (a, b', c, b, a, b', c, b, ...; ``--rounds``, default 3), so that a change
@@ -244,6 +245,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="autocast of every variant's step")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), help="any of a b' b c (b' may be written bp)")
     parser.add_argument("--no-ray", action="store_true", help="skip b (Ray Train): a, b' and c only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every variant, b's worker included (default: torch's, one per core)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (eager fallback) in all variants")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--profile", action="store_true", help="also run torch.profiler over b' and print where a step goes")
@@ -251,6 +254,8 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench_runs" / "throughput")
     args = parser.parse_args()
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cuda = device.type == "cuda"
     seconds = args.seconds or (10.0 if cuda else 60.0)
