@@ -316,7 +316,7 @@ def main() -> None:
                     if not ray_started:
                         start_ray(os.cpu_count() or 2, 1 if cuda else 0)
                         ray_started = True
-                    pace = statistics.median(values["b'"] or values["a"] or [100.0])
+                    pace = statistics.median(values.get("b'") or values.get("a") or [100.0])
                     run = RayPathRun(case.method, case.backbone, case.image_size, case.batch_size,
                                      steps_per_epoch=max(2, math.ceil(seconds * pace / case.batch_size)),
                                      cpus_per_worker=(1.0 if cuda else default_cpus_per_worker(os.cpu_count() or 2, 1)),
