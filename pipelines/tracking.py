@@ -535,10 +535,12 @@ def registry_lock(tracking: TrackingConfig, name: str, *, stale_after: float = R
     among every process and machine that shares the registry.
 
     The lock is the registered model ``<name>`` + ``REGISTRY_LOCK_SUFFIX``. Creating a registered model is atomic
-    (the store refuses a second one with ``RESOURCE_ALREADY_EXISTS``), so exactly one of several concurrent
-    creators holds it; the holder deletes it on exit. A waiter polls every ``poll_seconds`` (with jitter). A lock
-    whose holder died stays behind: a waiter that has seen the same lock (same creation timestamp) for
-    ``stale_after`` seconds of its own clock deletes it, says so on stderr, and competes again. (Two waiters
+    (the store refuses a second one with ``RESOURCE_ALREADY_EXISTS``), so exactly one of several concurrent creators
+    holds it; the holder deletes it on exit. A refused creation can also come back as ``RESOURCE_DOES_NOT_EXIST``
+    (MLflow's SQL store reads the existing model back to word its refusal, and the holder may have deleted it in
+    between): the lock was just released, so the creator tries again. A waiter polls every ``poll_seconds`` (with
+    jitter). A lock whose holder died stays behind: a waiter that has seen the same lock (same creation timestamp)
+    for ``stale_after`` seconds of its own clock deletes it, says so on stderr, and competes again. (Two waiters
     breaking the same stale lock at once could both get in; a promotion takes well under ``stale_after``.)"""
     client = client_for(tracking)
     lock_name = f"{name}{REGISTRY_LOCK_SUFFIX}"
@@ -550,6 +552,8 @@ def registry_lock(tracking: TrackingConfig, name: str, *, stale_after: float = R
                                                                   f"{holder}; deleted when its promotion ends")
             break
         except mlflow.exceptions.MlflowException as error:
+            if is_missing(error):  # the SQL store found a lock, then failed to read it back: released meanwhile
+                continue
             if error.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         try:
