@@ -103,6 +103,9 @@ class ScalingSection(Validated):
     max_failures: int = bounded(1, 0, 100)
     torch_threads: int = bounded(0, 0, 1024)
     """Torch intra-op threads per CPU worker; 0: ``max(1, floor(cpus_per_worker))``."""
+    retain_freed_memory: bool = True
+    """CPU workers keep the memory they free for the next step instead of handing it back to the kernel
+    (``pipelines.host_memory``: faster steps, a higher peak resident size); false: glibc's defaults."""
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     """Custom Ray resources each worker also requests (e.g. ``{accelerator_type:A10G: 0.01}`` or a per-node slot)."""
     resource_wait_s: float = bounded(600.0, 1.0, 86400.0)

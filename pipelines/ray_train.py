@@ -11,6 +11,7 @@ from ray.train.torch import TorchTrainer
 
 from pipelines.config import ScalingSection
 from pipelines.environment import environment_variable
+from pipelines.host_memory import worker_runtime_env
 
 
 WORKER_NICENESS_ENV = "RAY_worker_niceness"
@@ -58,7 +59,8 @@ def fit(
     Workers the cluster cannot place within ``scaling.resource_wait_s`` (more CPUs/GPUs than it has, an autoscaler
     that adds no node) raise ``ResourcesUnavailable`` naming the keys and the cluster's CPUs, instead of Ray Train
     waiting forever: the worker-group start timeout is that wait, and a start that times out is not retried
-    (``controller_failure_limit=0``)."""
+    (``controller_failure_limit=0``). CPU workers start with ``pipelines.host_memory.RETAIN_ENV`` when
+    ``scaling.retain_freed_memory``."""
     trainer = TorchTrainer(
         train_func,
         train_loop_config=config,
@@ -69,6 +71,7 @@ def fit(
             failure_config=FailureConfig(max_failures=scaling.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             callbacks=callbacks,
+            worker_runtime_env=worker_runtime_env(scaling.retain_freed_memory, scaling.use_gpu),
         ),
         datasets=datasets,
     )

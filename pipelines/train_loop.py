@@ -48,6 +48,7 @@ from pipelines import storage, tracking
 from pipelines.config import TrackingConfig
 from pipelines.console import EPOCHS_DONE, EPOCHS_TOTAL, PROGRESS_STEP, STEPS_PER_EPOCH, StepProgress
 from pipelines.checkpoints import CHECKPOINT_FILE, latest_valid_checkpoint
+from pipelines.host_memory import retains_freed_memory
 from ssl_core import optim
 from ssl_core.budget import CALIBRATION_STEPS, EpochBudget
 from ssl_core.device import compile_or_eager, model_to_memory_format
@@ -91,7 +92,9 @@ def worker_info(cpus_per_worker: float, torch_threads: int = 0, stage: str = "tr
         if info.is_chief:
             rule = "scaling.torch_threads" if torch_threads > 0 else \
                 f"floor(scaling.cpus_per_worker={cpus_per_worker:g}), at least 1"
-            print(f"[{stage}] {info.world_size} CPU worker(s), {threads} torch thread(s) each ({rule})", flush=True)
+            memory = "freed memory retained" if retains_freed_memory() else "glibc's malloc defaults"
+            print(f"[{stage}] {info.world_size} CPU worker(s), {threads} torch thread(s) each ({rule}), {memory}",
+                  flush=True)
     return info
 
 
