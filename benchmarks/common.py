@@ -218,6 +218,8 @@ class RayPathRun:
     use_gpu: bool = False
     compile: bool = False
     precision: str = "auto"
+    retain_freed_memory: bool = True
+    """``scaling.retain_freed_memory`` (``pipelines.host_memory``)."""
 
 
 def ray_path_images_per_second(run: RayPathRun, work_dir: Path, datasets: Path = DATASETS) -> float:
@@ -238,6 +240,7 @@ def ray_path_images_per_second(run: RayPathRun, work_dir: Path, datasets: Path =
                               if k != "image_size"}},
         "scaling": {"num_workers": run.workers, "cpus_per_worker": run.cpus_per_worker,
                     "torch_threads": run.torch_threads, "use_gpu": run.use_gpu,
+                    "retain_freed_memory": run.retain_freed_memory,
                     "storage_path": str(work_dir / "runs")},
         "pretrain": {"epochs": 2, "batch_size": run.batch_size, "optimizer": "lars", "lr": BASE_LR,
                      "lr_scaling": "linear", "weight_decay": WEIGHT_DECAY, "warmup_epochs": 0.5, "compile": run.compile,

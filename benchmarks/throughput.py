@@ -6,12 +6,18 @@
     python benchmarks/throughput.py --no-ray --profile       # + torch.profiler of variant b': where a step goes
     python benchmarks/throughput.py --precision bf16         # every variant under bf16 autocast
     python benchmarks/throughput.py --threads 1              # 1 torch thread everywhere (the pipeline's on 2 cores)
+    python benchmarks/throughput.py --malloc glibc           # glibc's malloc defaults everywhere, b's worker included
 
 Timing: every variant is built and warmed up once, then timed for a steady-state period (``--seconds``, default 60
 on CPU, 10 on CUDA) in interleaved rounds (a, b', c, b, a, b', c, b, ...; ``--rounds``, default 3), so that a change
 of load on a shared machine hits all of them; the table gives each variant's median, min-max and half range, and the
 ratios are of medians. a, b' and c are checked to run the same model (trainable parameter count), optimizer class and
 precision (an assertion); b is built from the same method config, LARS settings and precision.
+
+Memory allocator: every variant runs under the same glibc malloc settings, by default the pipeline's CPU workers'
+(``--malloc retain``: ``pipelines.host_memory.RETAIN_ENV``, freed memory kept for the next step; the benchmark
+restarts itself with them, and b's worker has them from ``scaling.retain_freed_memory``); ``--malloc glibc``:
+glibc's defaults in all four (``scaling.retain_freed_memory: false`` for b), as a training loop of your own runs.
 
 Variants (the same model, loss sizes and optimizer, LARS, in all four; channels_last; autocast per ``--precision``,
 ``auto``: bf16 on CUDA, fp32 on CPU):
@@ -69,6 +75,7 @@ from common import (  # noqa: E402
 )
 from lightly_loop import lightly_variant  # noqa: E402
 
+from pipelines.host_memory import RETAIN_ENV, retains_freed_memory  # noqa: E402
 from ssl_core.device import views_to_memory_format  # noqa: E402
 from ssl_core.methods import StepOutput  # noqa: E402
 from ssl_core.training import PRECISIONS, ssl_objective  # noqa: E402
@@ -206,6 +213,17 @@ def parse_variants(values: list[str]) -> list[str]:
     return [v for v in VARIANTS if v in chosen]
 
 
+def restart_with_malloc(mode: str) -> None:
+    """Replace this process by the same command under ``mode``'s malloc settings (glibc reads them at start) unless it
+    already runs under them: ``retain``: ``RETAIN_ENV``; ``glibc``: none of its variables."""
+    if (mode == "retain") == retains_freed_memory():
+        return
+    env = {name: value for name, value in os.environ.items() if name not in RETAIN_ENV}
+    if mode == "retain":
+        env.update(RETAIN_ENV)
+    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -247,12 +265,15 @@ def main() -> None:
     parser.add_argument("--no-ray", action="store_true", help="skip b (Ray Train): a, b' and c only")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in every variant, b's worker included (default: torch's, one per core)")
+    parser.add_argument("--malloc", choices=("retain", "glibc"), default="retain",
+                        help="malloc settings of every variant: the pipeline workers' (retain) or glibc's defaults")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (eager fallback) in all variants")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--profile", action="store_true", help="also run torch.profiler over b' and print where a step goes")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench_runs" / "throughput")
     args = parser.parse_args()
+    restart_with_malloc(args.malloc)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -287,7 +308,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, ray {ray_version}, lightly {lightly_version}, python {platform.python_version()}, "
           f"load average {load}", flush=True)
     print(f"variants {' '.join(variants)}, interleaved over {args.rounds} rounds of {seconds:g} s each (after "
-          f"{warmup} warm-up steps per variant); precision {args.precision}; compile={args.compile}", flush=True)
+          f"{warmup} warm-up steps per variant); precision {args.precision}; compile={args.compile}; malloc "
+          f"{args.malloc}", flush=True)
 
     preparers = {"a": prepare_bare, "b'": prepare_ours, "c": prepare_lightly}
     schedule_steps = 1_000_000  # the learning rate stays near its peak: speed, not learning, is measured
@@ -321,7 +343,8 @@ def main() -> None:
                                      steps_per_epoch=max(2, math.ceil(seconds * pace / case.batch_size)),
                                      cpus_per_worker=(1.0 if cuda else default_cpus_per_worker(os.cpu_count() or 2, 1)),
                                      torch_threads=0 if cuda else torch.get_num_threads(),
-                                     use_gpu=cuda, compile=args.compile, precision=args.precision)
+                                     use_gpu=cuda, compile=args.compile, precision=args.precision,
+                                     retain_freed_memory=args.malloc == "retain")
                     rate = ray_path_images_per_second(run, args.work_dir)
                     steps = run.steps_per_epoch
                 else:
