@@ -9,11 +9,11 @@ by the kernel: about 5,000 page faults per image and a fifth of the CPU time in 
     MALLOC_MMAP_MAX_=0           no block is mapped on its own: all come from the arena's heap
     MALLOC_TRIM_THRESHOLD_=2**40 the heap is never given back to the kernel
 
-makes freed blocks reusable as they are: measured on 2 cores (``benchmarks/throughput.py``, README "Threads,
-priority and memory"), 38 -> 53 images/s and 0.39 -> 0.01 CPUs in the kernel, for a peak resident size about a
-third higher (fragmentation: blocks are reused, not returned). glibc reads these variables when a process starts,
-so they reach a Ray Train worker through its runtime environment (``worker_runtime_env``); other C libraries (musl,
-macOS) ignore them.
+makes freed blocks reusable as they are: on 2 cores (``benchmarks/throughput.py --malloc glibc|retain``, README
+"Threads, memory, priority and the kNN monitor") 35 -> 50 images/s and 0.39 -> 0.01 CPUs in the kernel, for a
+peak resident size about a third higher (freed blocks are reused, not returned). glibc reads these variables when
+a process starts, so they reach a Ray Train worker through its runtime environment (``worker_runtime_env``); other
+C libraries (musl, macOS) ignore them.
 """
 
 from __future__ import annotations
