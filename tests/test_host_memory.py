@@ -18,8 +18,10 @@ from pipelines.host_memory import RETAIN_ENV, retains_freed_memory, worker_runti
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
 
 FAULTS_PER_ALLOCATION = """
-import json, resource, threading
+import ctypes, json, resource, threading
 import torch
+
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: 4 KiB pages whatever the machine's THP setting
 
 def allocate(times):
     for _ in range(times):
