@@ -324,9 +324,9 @@ def main() -> None:
             f"variants differ in (parameters, optimizer, precision): {signatures}"
         if signatures:
             parameters, optimizer, precision = next(iter(signatures.values()))
+            ray_note = "; b builds the same method config, LARS and precision in Ray Train" if "b" in variants else ""
             print(f"  {case.label(device)}: {parameters:,} trainable parameters, {optimizer}, {precision} in "
-                  f"{', '.join(signatures)}; b builds the same method config, LARS and precision in Ray Train",
-                  flush=True)
+                  f"{', '.join(signatures)}{ray_note}", flush=True)
         for variant, p in prepared.items():
             for index in range(warmup):
                 p.step(index)
