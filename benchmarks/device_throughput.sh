@@ -7,9 +7,9 @@
 #
 # prepare: lightly's wheel at this checkout's version (its transforms, losses and momentum update import nothing the
 # device image lacks, so it installs without its dependencies) and ../shared/datasets/tiny32_test_unlabeled.npz
-# (29 MB; ../shared does not travel with the checkout). run: installs the wheel into /tmp/site, puts the images where
-# benchmarks/common.py reads them (../shared/datasets beside the checkout), and writes the GPU's name and
-# throughput.py's output to $OUT (gpu.txt, throughput.log). WINDOW_SECONDS (default 20) sets --seconds.
+# (29 MB; ../shared does not travel with the checkout). run: installs the wheel into /tmp/site and writes the GPU's
+# name and the output of throughput.py (reading the images from .device/datasets) to $OUT (gpu.txt, throughput.log).
+# WINDOW_SECONDS (default 20) sets --seconds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 images=tiny32_test_unlabeled.npz
@@ -25,11 +25,9 @@ case "${1:-}" in
     : "${OUT:?run is for the device machine, where OUT names the folder that comes back}"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .device/whl/*.whl
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-    mkdir -p ../shared/datasets
-    [ -f "../shared/datasets/$images" ] || cp ".device/datasets/$images" ../shared/datasets/
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
-    python3 benchmarks/throughput.py --no-ray --seconds "${WINDOW_SECONDS:-20}" --rounds 3 --work-dir /tmp/throughput \
-      2>&1 | tee "$OUT/throughput.log"
+    python3 benchmarks/throughput.py --no-ray --datasets .device/datasets --seconds "${WINDOW_SECONDS:-20}" --rounds 3 \
+      --work-dir /tmp/throughput 2>&1 | tee "$OUT/throughput.log"
     ;;
   *)
     echo "usage: bash $0 prepare|run" >&2

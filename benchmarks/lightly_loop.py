@@ -12,11 +12,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from common import Case, Model, build_model, load_images, method_settings
+from common import DATASETS, Case, Model, build_model, load_images, method_settings
 from ssl_core.device import views_to_memory_format
 from ssl_core.methods import StepOutput
 from ssl_core.training import TrainStep
@@ -144,8 +145,9 @@ class LightlyVariant:
 
 
 def lightly_variant(case: Case, device: torch.device, compile_model: bool, total_steps: int, precision: str = "auto",
-                    pool_batches: int = 8) -> LightlyVariant:
-    """c: lightly transforms in DataLoader workers (one per core), lightly's loss on the same model and optimizer."""
+                    pool_batches: int = 8, datasets: Path = DATASETS) -> LightlyVariant:
+    """c: lightly transforms in DataLoader workers (one per core), lightly's loss on the same model and optimizer;
+    the images come from ``datasets`` (``common.load_images``)."""
     m = build_model(case, device, compile_model)
     loss_fn, after_step = lightly_loss_fn(m)
 
@@ -154,7 +156,7 @@ def lightly_variant(case: Case, device: torch.device, compile_model: bool, total
         return StepOutput(loss_fn(list(batch.values())), {})
 
     train_step = m.train_step(objective, total_steps, after_step, precision)
-    dataset = PILImages(load_images(pool_batches * case.batch_size, case.image_size),
+    dataset = PILImages(load_images(pool_batches * case.batch_size, case.image_size, datasets),
                         lightly_transform(case.method, case.image_size))
     workers = os.cpu_count() or 1
     loader = torch.utils.data.DataLoader(dataset, batch_size=case.batch_size, shuffle=True, drop_last=True,

@@ -38,7 +38,7 @@ Variants (the same model, loss sizes and optimizer, LARS, in all four; channels_
 
 Augmentation recipes match across b/b' and c (at < 64 px, no blur, as the papers' CIFAR recipes). DINO uses 2 global
 and 4 local crops (2x32 + 4x16 at 32 px); MAE runs on vit_tiny. Images: real Tiny-ImageNet 32x32
-(../shared/datasets), resized for larger sizes. Prints the medians and, last, one machine-readable line per case, e.g.
+(``--datasets``, default ../shared/datasets), resized for larger sizes. Prints the medians and, last, one machine-readable line per case, e.g.
 ``simclr resnet18 32px batch256 cpu: b/a=0.93 b/c=1.41 b'/a=0.95 b'/c=1.44 b/b'=0.98``.
 """
 
@@ -62,6 +62,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     DATASETS,
+    IMAGES_FILE,
     REPO,
     Case,
     RayPathRun,
@@ -84,9 +85,9 @@ VARIANTS = ("a", "b'", "b", "c")
 POOL_BATCHES = 2  # distinct batches cycled through by a and b'
 
 
-def host_batches(case: Case, device: torch.device, count: int) -> list[Tensor]:
-    """``count`` uint8 batches of real images in host memory, pinned when the device is CUDA."""
-    images = load_images(count * case.batch_size, case.image_size)
+def host_batches(case: Case, device: torch.device, count: int, datasets: Path) -> list[Tensor]:
+    """``count`` uint8 batches of real images (from ``datasets``) in host memory, pinned when the device is CUDA."""
+    images = load_images(count * case.batch_size, case.image_size, datasets)
     if device.type == "cuda":
         images = images.pin_memory()
     return list(images.split(case.batch_size))
@@ -108,13 +109,14 @@ class Prepared:
     close: Callable[[], None] = lambda: None
 
 
-def prepare_bare(case: Case, device: torch.device, total: int, compile_model: bool, precision: str) -> Prepared:
+def prepare_bare(case: Case, device: torch.device, total: int, compile_model: bool, precision: str,
+                 datasets: Path) -> Prepared:
     """a: pre-made views in device memory (augmented once, outside the timing), the pipeline's TrainStep."""
     m = build_model(case, device, compile_model)
     generator = torch.Generator().manual_seed(0)
     views = m.method.view_generator()
     pool = [views_to_memory_format(views(batch.to(device), generator), device)
-            for batch in host_batches(case, device, POOL_BATCHES)]
+            for batch in host_batches(case, device, POOL_BATCHES, datasets)]
     train_step = m.train_step(premade_views_objective, total, precision=precision)
     return Prepared(lambda i: train_step(pool[i % len(pool)], i, generator), m.signature(train_step))
 
@@ -123,14 +125,14 @@ def unlabelled(name: str, fn: Callable) -> Callable:
     return fn
 
 
-def ours_step_fn(case: Case, device: torch.device, total: int, compile_model: bool,
+def ours_step_fn(case: Case, device: torch.device, total: int, compile_model: bool, datasets: Path,
                  label: Callable[[str, Callable], Callable] = unlabelled, precision: str = "auto") -> Prepared:
     """b': host uint8 batch -> non-blocking copy -> the pipeline's TrainStep of ``ssl_objective`` (on-device views,
     the method's training_step, backward, LARS, EMA/queue update). ``label(phase, fn)`` wraps the copy, the views,
     the model's forward and the whole step (the profiler's phases)."""
     m = build_model(case, device, compile_model)
     generator = torch.Generator().manual_seed(0)
-    batches = host_batches(case, device, POOL_BATCHES)
+    batches = host_batches(case, device, POOL_BATCHES, datasets)
     objective = ssl_objective(label("augment", m.method.view_generator()), device)
     m.model = label("forward", m.model)
     train_step = m.train_step(objective, total, precision=precision)
@@ -144,10 +146,11 @@ def ours_step_fn(case: Case, device: torch.device, total: int, compile_model: bo
     return Prepared(step, signature)
 
 
-def prepare_ours(case: Case, device: torch.device, total: int, compile_model: bool, precision: str) -> Prepared:
+def prepare_ours(case: Case, device: torch.device, total: int, compile_model: bool, precision: str,
+                 datasets: Path) -> Prepared:
     """b'. On CUDA one step runs under ``torch.cuda.set_sync_debug_mode("warn")`` and the host-device
     synchronisations it reports (there should be none) are printed."""
-    prepared = ours_step_fn(case, device, total, compile_model, precision=precision)
+    prepared = ours_step_fn(case, device, total, compile_model, datasets, precision=precision)
     if device.type == "cuda":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -162,15 +165,17 @@ def prepare_ours(case: Case, device: torch.device, total: int, compile_model: bo
     return prepared
 
 
-def prepare_lightly(case: Case, device: torch.device, total: int, compile_model: bool, precision: str) -> Prepared:
+def prepare_lightly(case: Case, device: torch.device, total: int, compile_model: bool, precision: str,
+                    datasets: Path) -> Prepared:
     """c (lightly_loop.py)."""
-    variant = lightly_variant(case, device, compile_model, total, precision)
+    variant = lightly_variant(case, device, compile_model, total, precision, datasets=datasets)
     return Prepared(variant.step, variant.model.signature(variant.train_step), variant.close)
 
 
 # ------------------------------------------------------------------------------------------------------- profile
 
-def profile_ours(case: Case, device: torch.device, steps: int, compile_model: bool, rows: int = 15) -> None:
+def profile_ours(case: Case, device: torch.device, steps: int, compile_model: bool, datasets: Path,
+                 rows: int = 15) -> None:
     """torch.profiler over ``steps`` steps of b' (after one warm-up). Phases: copy; augment and forward (inside the
     TrainStep); backward+optimizer = the rest of the TrainStep (zero_grad, backward, LARS, EMA/queue update)."""
     from torch.profiler import ProfilerActivity, profile, record_function
@@ -182,7 +187,7 @@ def profile_ours(case: Case, device: torch.device, steps: int, compile_model: bo
 
         return labelled
 
-    step = ours_step_fn(case, device, steps + 1, compile_model, label).step
+    step = ours_step_fn(case, device, steps + 1, compile_model, datasets, label).step
     step(0)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -272,6 +277,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also run torch.profiler over b' and print where a step goes")
     parser.add_argument("--profile-steps", type=int, default=3)
     parser.add_argument("--work-dir", type=Path, default=REPO / "bench_runs" / "throughput")
+    parser.add_argument("--datasets", type=Path, default=DATASETS,
+                        help=f"the folder holding {IMAGES_FILE} (default: ../shared/datasets)")
     args = parser.parse_args()
     restart_with_malloc(args.malloc)
 
@@ -284,8 +291,8 @@ def main() -> None:
     variants = parse_variants(args.variants)
     if args.no_ray:
         variants = [v for v in variants if v != "b"]
-    if not (DATASETS / "tiny32_test_unlabeled.npz").is_file():
-        raise SystemExit(f"missing {DATASETS / 'tiny32_test_unlabeled.npz'} (see ../shared/datasets/README.md)")
+    if not (args.datasets / IMAGES_FILE).is_file():
+        raise SystemExit(f"missing {args.datasets / IMAGES_FILE} (see ../shared/datasets/README.md)")
     cases = [Case(method, backbone_for(method, args.backbone), size, args.batch_size)
              for size in args.sizes for method in args.methods]
 
@@ -316,7 +323,7 @@ def main() -> None:
     results: list[tuple[Case, dict[str, list[float]]]] = []
     ray_started = False
     for case in cases:
-        prepared = {v: preparers[v](case, device, schedule_steps, args.compile, args.precision)
+        prepared = {v: preparers[v](case, device, schedule_steps, args.compile, args.precision, args.datasets)
                     for v in variants if v != "b"}
         signatures = {v: p.signature for v, p in prepared.items()}
         # a, b' and c must run the same model, heads, optimizer and precision, or their ratio means nothing.
@@ -345,7 +352,7 @@ def main() -> None:
                                      torch_threads=0 if cuda else torch.get_num_threads(),
                                      use_gpu=cuda, compile=args.compile, precision=args.precision,
                                      retain_freed_memory=args.malloc == "retain")
-                    rate = ray_path_images_per_second(run, args.work_dir)
+                    rate = ray_path_images_per_second(run, args.work_dir, args.datasets)
                     steps = run.steps_per_epoch
                 else:
                     rate, steps = timed_images_per_second(prepared[variant].step, next_index[variant],
@@ -363,7 +370,7 @@ def main() -> None:
             torch.cuda.empty_cache()
         results.append((case, values))
         if args.profile:
-            profile_ours(case, device, args.profile_steps, args.compile)
+            profile_ours(case, device, args.profile_steps, args.compile, args.datasets)
     if ray_started:
         import ray
 
