@@ -76,7 +76,7 @@ from common import (  # noqa: E402
 )
 from lightly_loop import lightly_variant  # noqa: E402
 
-from pipelines.host_memory import RETAIN_ENV, retains_freed_memory  # noqa: E402
+from pipelines.host_memory import malloc_environment  # noqa: E402
 from ssl_core.device import views_to_memory_format  # noqa: E402
 from ssl_core.methods import StepOutput  # noqa: E402
 from ssl_core.training import PRECISIONS, ssl_objective  # noqa: E402
@@ -220,13 +220,10 @@ def parse_variants(values: list[str]) -> list[str]:
 
 def restart_with_malloc(mode: str) -> None:
     """Replace this process by the same command under ``mode``'s malloc settings (glibc reads them at start) unless it
-    already runs under them: ``retain``: ``RETAIN_ENV``; ``glibc``: none of its variables."""
-    if (mode == "retain") == retains_freed_memory():
-        return
-    env = {name: value for name, value in os.environ.items() if name not in RETAIN_ENV}
-    if mode == "retain":
-        env.update(RETAIN_ENV)
-    os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    already runs under them: ``retain``: ``RETAIN_ENV``; ``glibc``: no ``MALLOC_*`` variable."""
+    env = malloc_environment(mode == "retain")
+    if env != dict(os.environ):
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def device_name(device: torch.device) -> str:

@@ -39,3 +39,10 @@ def worker_runtime_env(retain_freed_memory: bool, use_gpu: bool) -> dict[str, An
 def retains_freed_memory(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether this process was started with ``RETAIN_ENV`` (every variable at its value)."""
     return all(environ.get(name) == value for name, value in RETAIN_ENV.items())
+
+
+def malloc_environment(retain: bool, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """``environ`` without glibc's malloc variables (every ``MALLOC_*``), plus ``RETAIN_ENV`` when ``retain``: the
+    environment to start a process with for one setting or the other (``False``: glibc's defaults)."""
+    env = {name: value for name, value in environ.items() if not name.startswith("MALLOC_")}
+    return {**env, **RETAIN_ENV} if retain else env

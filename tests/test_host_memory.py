@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.config import ScalingSection
-from pipelines.host_memory import RETAIN_ENV, retains_freed_memory, worker_runtime_env
+from pipelines.host_memory import RETAIN_ENV, malloc_environment, retains_freed_memory, worker_runtime_env
 
 glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
 
@@ -42,9 +42,8 @@ print(json.dumps(result))
 """
 
 
-def _faults_per_allocation(extra_env: dict[str, str]) -> float:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
-    out = subprocess.run([sys.executable, "-c", FAULTS_PER_ALLOCATION], env={**env, **extra_env}, check=True,
+def _faults_per_allocation(retain: bool) -> float:
+    out = subprocess.run([sys.executable, "-c", FAULTS_PER_ALLOCATION], env=malloc_environment(retain), check=True,
                          capture_output=True, text=True).stdout
     return json.loads(out)["faults"]
 
@@ -57,6 +56,10 @@ def test_only_a_cpu_worker_that_asks_gets_the_retaining_settings() -> None:
     assert retains_freed_memory(RETAIN_ENV)
     assert not retains_freed_memory({**RETAIN_ENV, "MALLOC_ARENA_MAX": "2"})
     assert not retains_freed_memory({})
+    environ = {"PATH": "/bin", "MALLOC_ARENA_MAX": "4", "MALLOC_PERTURB_": "1"}
+    assert malloc_environment(False, environ) == {"PATH": "/bin"}
+    assert malloc_environment(True, environ) == {"PATH": "/bin", **RETAIN_ENV}
+    assert retains_freed_memory(malloc_environment(True, environ))
 
 
 @glibc_only
@@ -64,8 +67,8 @@ def test_a_block_freed_in_a_thread_is_reused_without_page_faults() -> None:
     """A 96 MiB block allocated and freed in a thread, after a warm-up: glibc's defaults map it afresh each time (one
     fault per 4 KiB page, ~24,600); with ``RETAIN_ENV`` the heap keeps freed blocks and their pages stay mapped."""
     pages = (96 << 20) / 4096
-    default = _faults_per_allocation({})
-    retained = _faults_per_allocation(RETAIN_ENV)
+    default = _faults_per_allocation(False)
+    retained = _faults_per_allocation(True)
     assert default > 0.5 * pages, default
     assert retained < 0.02 * pages, retained
 
