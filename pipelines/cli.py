@@ -33,11 +33,13 @@ def _init_ray() -> None:
 
 def _load(path: str | None, overrides: dict | None = None):
     """The validated config, its tracking server checked to answer (``tracking.check_reachable``: seconds, not
-    MLflow's minutes of retries) before anything starts."""
-    from pipelines import tracking
+    MLflow's minutes of retries) before anything starts. Commands call it before importing their stages, and it
+    imports MLflow only after the config loads, so a config error comes back without their import time."""
     from pipelines.config import load_config
 
     cfg = load_config(path, overrides)
+    from pipelines import tracking
+
     tracking.check_reachable(cfg.tracking)
     return cfg
 
@@ -78,10 +80,10 @@ def _check_fits_machine(cfg) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     import time
 
+    cfg = _load(args.config)
     from pipelines.dag import run_pipeline
     from pipelines.summary import summary_table
 
-    cfg = _load(args.config)
     _check_against_data(cfg)
     _check_fits_machine(cfg)
     started = time.perf_counter()
@@ -200,10 +202,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     """The search alone (ingest reused or run first), in a pipeline run that stops after ``tune``."""
+    cfg = _load(args.config, {"tune": {"enabled": True}})
     from pipelines.dag import run_pipeline
     from pipelines.summary import trials_table
 
-    cfg = _load(args.config, {"tune": {"enabled": True}})
     _check_against_data(cfg)
     _check_fits_machine(cfg)
 
@@ -218,13 +220,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """The pretrain stage alone (ingesting first if the dataset is missing), in its own MLflow run."""
+    cfg = _load(args.config)
     from pipelines import tracking
     from pipelines.console import ProgressMonitor
     from pipelines.datasets import has_manifest
     from pipelines.stages import pretrain
     from pipelines.stages.ingest import ingest
 
-    cfg = _load(args.config)
     if not has_manifest(cfg.data.path):
         ingest(cfg.data.source, cfg.data.path, val_fraction=cfg.data.val_fraction, seed=cfg.data.seed,
                npz_keys=cfg.data.npz_keys)
